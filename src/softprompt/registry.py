@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from softprompt.errors import ConflictError, IntegrityError, StoreError
+from softprompt.errors import ConfigError, ConflictError, IntegrityError, StoreError
 from softprompt.storage import ArtifactStore, LocalStore, NotFoundError, S3Store, sha256_file
 
 REQUIRED_FILES = (
@@ -75,9 +75,9 @@ class Gate:
 
     def __post_init__(self) -> None:
         if not self.metric:
-            raise StoreError("gate metric is empty; pass --metric accuracy (or another tuned metric)")
+            raise ConfigError("gate metric is empty; pass --metric accuracy (or another tuned metric)")
         if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
-            raise StoreError(f"gate min_delta={self.min_delta}; use a number >= 0 (e.g. --min-delta 0.005)")
+            raise ConfigError(f"gate min_delta={self.min_delta}; use a number >= 0 (e.g. --min-delta 0.005)")
 
 
 @dataclass(frozen=True)
@@ -366,7 +366,11 @@ def pull(store: ArtifactStore, task: str, base_model: str, version: str, dest_di
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    # Written last and via rename, so it replaces (never follows) a symlink planted at that name.
+    fd, tmp_name = tempfile.mkstemp(dir=root, prefix=".softprompt-pull-")
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp_name, _inside(root, MANIFEST))
     return Path(dest_dir)
 
 
@@ -382,7 +386,8 @@ def resolve_artifact(
 
     Accepted: a run folder; a local registry version folder (verified against its MANIFEST.json);
     `<registry>/<task>/<model>/champion`; `s3://bucket/prefix/<task>/<model>/<version|champion>`
-    (downloaded into `cache_dir`, re-using files already there with the right hash).
+    (downloaded into `cache_dir`, re-using files already there with the right hash). In URIs the
+    base model is its key segment, e.g. `huggingfacetb--smollm2-135m-instruct` (see `slug`).
     """
     if uri.startswith("s3://"):
         bucket, _, rest = uri[len("s3://") :].partition("/")
@@ -776,6 +781,8 @@ def _move_pointer(
             f"{now['version'] if now else 'none'} while you were promoting {record['version']}; "
             "re-run to compare against the new champion"
         ) from None
+    # History goes after the pointer: a crash in between loses a log line but never records a
+    # move that did not happen; rollback reads `previous` from the pointer itself.
     history = {**record, "from_version": current}
     stamp = _now().strftime("%Y%m%dT%H%M%S%fZ")
     for attempt in range(3):  # only collides if two moves share a microsecond
