@@ -414,7 +414,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, raw[name], f"{prefix}{name}.", problems)
+            kwargs[name] = _build(typing.cast(type, tp), raw[name], f"{prefix}{name}.", problems)
         else:
             ok, value = _coerce(raw[name], tp)
             if ok:

@@ -11,6 +11,7 @@ References, in the order they are tried:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -118,7 +119,7 @@ def load_model(cfg: ModelConfig, *, device: str | None = None) -> LoadedModel:
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {cfg.name!r} from {model_dir}: {exc}") from exc
-    model.to(dev)
+    model.to(dev)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     tok = load_tokenizer(cfg)
@@ -129,7 +130,7 @@ def load_model(cfg: ModelConfig, *, device: str | None = None) -> LoadedModel:
         "dtype": str(dtype).replace("torch.", ""),
         "architecture": type(model).__name__,
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "hidden_size": int(model.get_input_embeddings().weight.shape[1]),
+        "hidden_size": int(model.config.hidden_size),
     }
     return LoadedModel(model=model, tokenizer=tok, device=dev, identity=identity)
 
@@ -152,10 +153,8 @@ def weights_sha256(model_dir: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     digest = h.hexdigest()
-    try:
+    with contextlib.suppress(OSError):  # a read-only model folder is fine; we recompute next time
         cache_file.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
-    except OSError:  # a read-only model folder is fine; we just recompute next time
-        pass
     return digest
 
 
@@ -214,7 +213,7 @@ def _from_gguf(gguf: Path, cache: Path) -> Path:
     except Exception as exc:  # transformers raises many types here; name the file either way
         raise ModelError(f"cannot read GGUF file {gguf}: {exc}; install the `gguf` package") from exc
     # The GGUF quantizer would refuse to save; the weights are plain floats by now.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(tmp))

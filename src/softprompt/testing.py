@@ -82,6 +82,6 @@ def build_tiny_model(
     # Real checkpoints have embedding rows of norm ~1-4; keep the tiny model in that regime so
     # initialization code sees realistic scales.
     with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0.0, 0.1)
+        model.get_input_embeddings().weight.normal_(0.0, 0.1)  # type: ignore[operator]
     model.save_pretrained(out)
     return out

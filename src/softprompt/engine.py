@@ -1,0 +1,250 @@
+"""The forward pass: a (soft or hard) prefix in front of right-padded inputs, logits only where needed.
+
+Why not PEFT's forward: it drops `position_ids`, computes full-vocabulary logits at every position,
+and with transformers 5.x its `generate()` re-injects the prompt at every step. Here the prefix is
+concatenated as embeddings, positions are explicit (so pads in the middle are harmless), and the
+LM head runs only at the positions a score or loss reads: one row per example for single-token
+label words, instead of `batch x sequence x vocabulary`.
+
+Shapes: B batch, L input length (right-padded), n prefix length, d hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from softprompt.tasks import Verbalizer
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids with their mask and true lengths."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    lengths: torch.Tensor  # [B]
+
+
+def make_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = "cpu", multiple: int = 1) -> Batch:
+    """Right-pad `seqs` to the longest one (rounded up to `multiple`)."""
+    longest = max(len(s) for s in seqs)
+    width = -(-longest // multiple) * multiple
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    lengths = torch.as_tensor([len(s) for s in seqs], dtype=torch.long)
+    return Batch(ids.to(device), mask.to(device), lengths.to(device))
+
+
+@dataclass
+class Prefix:
+    """What goes in front of every input.
+
+    Either `embeds` (`[n, d]` shared, or `[B, n, d]` per row with `mask` `[B, n]` marking each row's
+    real prefix tokens, left-aligned) or a precomputed `cache` of a shared prefix of `length` tokens.
+    """
+
+    embeds: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    cache: Any = None
+    length: int = 0
+
+    @classmethod
+    def none(cls) -> Prefix:
+        """No prefix (zero-shot)."""
+        return cls()
+
+
+def body_and_head(model: Any) -> tuple[Any, Any]:
+    """The transformer body (hidden states out) and the LM head of a causal LM."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model, model.get_output_embeddings()
+
+
+def input_hidden(model: Any, prefix: Prefix, batch: Batch) -> torch.Tensor:
+    """Final hidden states at the input positions, `[B, L, d]` (prefix positions sliced off)."""
+    body, _ = body_and_head(model)
+    emb = model.get_input_embeddings()(batch.input_ids)
+    B, L = batch.input_ids.shape
+    device = emb.device
+    if prefix.cache is not None:
+        n = prefix.length
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(B)
+        mask = torch.cat([torch.ones(B, n, dtype=batch.attention_mask.dtype, device=device), batch.attention_mask], 1)
+        pos = (n + torch.arange(L, device=device)).unsqueeze(0).expand(B, L)
+        out = body(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        hidden: torch.Tensor = out.last_hidden_state
+        return hidden
+    if prefix.embeds is None:
+        pos = torch.arange(L, device=device).unsqueeze(0).expand(B, L)
+        out = body(inputs_embeds=emb, attention_mask=batch.attention_mask, position_ids=pos, use_cache=False)
+        hidden = out.last_hidden_state
+        return hidden
+    p = prefix.embeds.to(emb.dtype)
+    if p.dim() == 2:
+        p = p.unsqueeze(0).expand(B, -1, -1)
+    n = p.shape[1]
+    if prefix.mask is None:
+        pmask = torch.ones(B, n, dtype=batch.attention_mask.dtype, device=device)
+    else:
+        pmask = prefix.mask.to(device=device, dtype=batch.attention_mask.dtype)
+    n_real = pmask.sum(1, keepdim=True)  # [B, 1]: each row's inputs start right after its own prefix
+    pos = torch.cat(
+        [torch.arange(n, device=device).unsqueeze(0).expand(B, n), n_real + torch.arange(L, device=device).unsqueeze(0)], 1
+    )
+    out = body(
+        inputs_embeds=torch.cat([p, emb], 1),
+        attention_mask=torch.cat([pmask, batch.attention_mask], 1),
+        position_ids=pos,
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[:, n:]
+    return hidden
+
+
+def cache_prefix(model: Any, embeds: torch.Tensor) -> Prefix:
+    """Run a shared prefix (`[n, d]`) once and keep its key/value cache for every later batch."""
+    body, _ = body_and_head(model)
+    n = embeds.shape[0]
+    with torch.no_grad():
+        x = embeds.to(model.get_input_embeddings().weight.dtype).unsqueeze(0)
+        out = body(
+            inputs_embeds=x,
+            attention_mask=torch.ones(1, n, dtype=torch.long, device=x.device),
+            position_ids=torch.arange(n, device=x.device).unsqueeze(0),
+            use_cache=True,
+        )
+    return Prefix(cache=out.cache, length=n)
+
+
+def label_scores(model: Any, prefix: Prefix, seqs: Sequence[Sequence[int]], verbalizer: Verbalizer, pad_id: int) -> torch.Tensor:
+    """Log-probability of each label's words after each input, `[B, num_labels]`.
+
+    Single-token label words: one forward pass, the LM head at one position per row. Multi-token
+    words: each input is repeated once per candidate word and the word's tokens are scored by
+    teacher forcing (summed log-probability). A label with several words takes their log-sum-exp.
+    """
+    device = model.get_input_embeddings().weight.device
+    _, head = body_and_head(model)
+    B = len(seqs)
+    if verbalizer.single_token:
+        batch = make_batch(seqs, pad_id, device)
+        h = input_hidden(model, prefix, batch)
+        last = h[torch.arange(B, device=device), batch.lengths - 1]  # [B, d]
+        logp = F.log_softmax(head(last).float(), -1)  # [B, V]
+        per_label = []
+        for ws in verbalizer.words:
+            ids = torch.as_tensor([w[0] for w in ws], device=device)
+            per_label.append(torch.logsumexp(logp[:, ids], -1))
+        return torch.stack(per_label, 1)
+    cands = verbalizer.candidates
+    C = len(cands)
+    rows = [list(s) + list(w) for s in seqs for _, w in cands]
+    if prefix.embeds is not None and prefix.embeds.dim() == 3:
+        prefix = Prefix(
+            embeds=prefix.embeds.repeat_interleave(C, 0),
+            mask=None if prefix.mask is None else prefix.mask.repeat_interleave(C, 0),
+        )
+    batch = make_batch(rows, pad_id, device)
+    h = input_hidden(model, prefix, batch)
+    starts = torch.as_tensor([len(s) - 1 for s in seqs for _ in cands], device=device)
+    width = max(len(w) for _, w in cands)
+    j = torch.arange(width, device=device)
+    word_len = torch.as_tensor([len(w) for _ in seqs for _, w in cands], device=device)
+    pos = (starts.unsqueeze(1) + j).clamp(max=h.shape[1] - 1)  # [B*C, width]
+    valid = j.unsqueeze(0) < word_len.unsqueeze(1)
+    hs = h[torch.arange(B * C, device=device).unsqueeze(1), pos][valid]  # [tokens, d]
+    targets = batch.input_ids[torch.arange(B * C, device=device).unsqueeze(1), (pos + 1).clamp(max=h.shape[1] - 1)][valid]
+    tok_logp = F.log_softmax(head(hs).float(), -1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    word_logp = torch.zeros(B * C, device=device).index_add(0, valid.nonzero()[:, 0], tok_logp).view(B, C)
+    out = torch.full((B, len(verbalizer.words)), float("-inf"), device=device)
+    for label in range(len(verbalizer.words)):
+        cols = [c for c, (lab, _) in enumerate(cands) if lab == label]
+        out[:, label] = torch.logsumexp(word_logp[:, cols], -1)
+    return out
+
+
+def target_loss(model: Any, prefix: Prefix, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy over target tokens only (generation tasks)."""
+    device = model.get_input_embeddings().weight.device
+    _, head = body_and_head(model)
+    rows = [list(a) + list(b) for a, b in zip(inputs, targets, strict=True)]
+    batch = make_batch(rows, pad_id, device)
+    h = input_hidden(model, prefix, batch)
+    r, c, t = [], [], []
+    for i, (a, b) in enumerate(zip(inputs, targets, strict=True)):
+        for k in range(len(b)):
+            r.append(i)
+            c.append(len(a) - 1 + k)
+            t.append(b[k])
+    hs = h[torch.as_tensor(r, device=device), torch.as_tensor(c, device=device)]
+    return F.cross_entropy(head(hs).float(), torch.as_tensor(t, device=device))
+
+
+def greedy_generate(
+    model: Any,
+    prefix_embeds: torch.Tensor | None,
+    inputs: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int | None,
+    pad_id: int,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Greedy decoding with the prefix built in as embeddings (never PEFT's `generate`).
+
+    `use_cache=False` recomputes the whole sequence at every step; it exists to check that the
+    cached path gives identical text.
+    """
+    device = model.get_input_embeddings().weight.device
+    body, head = body_and_head(model)
+    embed = model.get_input_embeddings()
+    B = len(inputs)
+    batch = make_batch(inputs, pad_id, device)
+    L = batch.input_ids.shape[1]
+    n = 0 if prefix_embeds is None else prefix_embeds.shape[0]
+    dtype = embed.weight.dtype
+    p = None if prefix_embeds is None else prefix_embeds.to(dtype).unsqueeze(0).expand(B, -1, -1)
+    first_pos = torch.cat([torch.arange(n, device=device).unsqueeze(0).expand(B, n), n + torch.arange(L, device=device).unsqueeze(0).expand(B, L)], 1)
+    first_mask = torch.cat([torch.ones(B, n, dtype=torch.long, device=device), batch.attention_mask], 1)
+    first_emb = embed(batch.input_ids) if p is None else torch.cat([p, embed(batch.input_ids)], 1)
+    generated: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    last_index = n + batch.lengths - 1
+    with torch.no_grad():
+        out = body(inputs_embeds=first_emb, attention_mask=first_mask, position_ids=first_pos, use_cache=use_cache)
+        hidden = out.last_hidden_state[torch.arange(B, device=device), last_index]
+        cache = out.cache if use_cache else None
+        seq_emb, seq_mask, seq_pos = first_emb, first_mask, first_pos
+        for step in range(max_new_tokens):
+            nxt = head(hidden).float().argmax(-1)  # [B]
+            for i in range(B):
+                if not done[i]:
+                    generated[i].append(int(nxt[i]))
+            if eos_id is not None:
+                done |= nxt == eos_id
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            new_emb = embed(nxt).unsqueeze(1)
+            new_pos = (n + batch.lengths + step).unsqueeze(1)
+            seq_mask = torch.cat([seq_mask, torch.ones(B, 1, dtype=torch.long, device=device)], 1)
+            if use_cache:
+                out = body(inputs_embeds=new_emb, attention_mask=seq_mask, position_ids=new_pos, cache=cache, use_cache=True)
+                cache = out.cache
+                hidden = out.last_hidden_state[:, -1]
+            else:
+                seq_emb = torch.cat([seq_emb, new_emb], 1)
+                seq_pos = torch.cat([seq_pos, new_pos], 1)
+                out = body(inputs_embeds=seq_emb, attention_mask=seq_mask, position_ids=seq_pos, use_cache=False)
+                hidden = out.last_hidden_state[:, -1]
+    if eos_id is not None:
+        generated = [g[: g.index(eos_id)] if eos_id in g else g for g in generated]
+    return generated

@@ -1,0 +1,239 @@
+"""Evaluate (`softprompt evaluate`): the tuned prompt against zero-shot and few-shot baselines.
+
+All methods are scored on the same split with the same template and label words. The result is the
+artifact folder that `publish` pushes: the adapter files, `metrics.json`, `run_manifest.json` and a
+self-contained `report.html`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softprompt import dataset as ds
+from softprompt.config import JobConfig
+from softprompt.errors import DataError
+from softprompt.manifest import run_manifest
+from softprompt.metrics import ClassificationMetrics, bootstrap_ci, classification_metrics, mcnemar_p
+from softprompt.modeling import LoadedModel
+from softprompt.prompts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_prompt_embeddings
+from softprompt.report import ReportInputs, write_report
+from softprompt.scoring import (
+    calibration_offsets,
+    choose_demonstrations,
+    few_shot_text,
+    score_split,
+    shared_prefix,
+    text_embeds,
+    to_probs,
+)
+from softprompt.tasks import build_verbalizer
+
+log = logging.getLogger(__name__)
+
+METHOD_NAMES = {"tuned": "tuned prompt", "ensemble": "prompt ensemble", "zero_shot": "zero-shot", "few_shot": "few-shot"}
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """What `run` produced."""
+
+    artifact_dir: Path
+    results: dict[str, ClassificationMetrics]
+    primary_metric: str
+    split: str
+    beats_baselines: bool
+    verdict: str
+    metrics: dict[str, Any]
+
+    def table(self) -> str:
+        """A plain-text results table (one row per method)."""
+        lines = [f"{'method':<16}{'accuracy':>10}{'macro-F1':>10}{'ECE':>8}", "-" * 44]
+        for name, m in self.results.items():
+            ece = f"{m.ece:.3f}" if m.ece is not None else "-"
+            lines.append(f"{METHOD_NAMES.get(name, name):<16}{m.accuracy * 100:>9.1f}%{m.macro_f1 * 100:>9.1f}%{ece:>8}")
+        return "\n".join(lines)
+
+
+def run(
+    cfg: JobConfig,
+    loaded: LoadedModel,
+    data_dir: str | Path,
+    adapter_dirs: list[Path],
+    artifact_dir: str | Path,
+    *,
+    history: list[dict[str, Any]] | None = None,
+    train_summary: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> EvaluateResult:
+    """Score the tuned prompt(s) and the baselines, and write the artifact folder.
+
+    Args:
+        cfg: The job configuration (`evaluate`, `task` sections).
+        loaded: The frozen base model.
+        data_dir: The prepared dataset (ingest output).
+        adapter_dirs: One tuned prompt, or several: the first is the single best; with more than
+            one, their ensemble (mean label log-probability) is scored too.
+        artifact_dir: Output folder (the adapter files of the winner are copied in).
+        history: Training records for the report's curves.
+        train_summary: Training facts for the manifest (steps, throughput, peak memory).
+        progress: Show progress bars.
+    """
+    if cfg.task.kind != "classification":
+        raise DataError("evaluate: generation tasks are evaluated by `softprompt predict`; task.kind=classification only here")
+    ev = cfg.evaluate
+    split_name = ev.split if (ev.split == "eval" or ds.has_split(data_dir, "test")) else "eval"
+    rows = ds.read_split(data_dir, split_name)
+    train_rows = ds.read_split(data_dir, "train")
+    dataset_manifest = ds.read_manifest(data_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    verbalizer = build_verbalizer(cfg.task, tok)
+    labels = list(verbalizer.labels)
+    bar = _bar(progress, len(rows) * (len(adapter_dirs) + len(ev.baselines)))
+    tick = bar.update if bar is not None else None
+
+    def score(embeds: torch.Tensor | None) -> np.ndarray:
+        return score_split(model, shared_prefix(model, embeds), rows.input_ids, verbalizer, tok.pad_token_id, ev.batch_size, tick)
+
+    scores: dict[str, np.ndarray] = {}
+    prompt_scores = [score(load_prompt_embeddings(d).to(loaded.device)) for d in adapter_dirs]
+    scores["tuned"] = prompt_scores[0]
+    if len(prompt_scores) > 1:
+        scores["ensemble"] = np.mean([_log_normalize(s) for s in prompt_scores], axis=0)
+    if "zero_shot" in ev.baselines:
+        zs = score(None)
+        if ev.calibrate_zero_shot:
+            zs = zs - calibration_offsets(model, shared_prefix(model, None), tok, cfg.task.template, verbalizer)
+        scores["zero_shot"] = zs
+    demo_text = ""
+    if "few_shot" in ev.baselines:
+        k = ev.few_shot_k or max(4, len(labels))
+        demos = choose_demonstrations(train_rows, len(labels), k, cfg.train.seed)
+        demo_text = few_shot_text(train_rows, demos, cfg.task.template, [cfg.task.verbalizer[label][0] for label in labels])
+        prefix_embeds = text_embeds(model, tok, demo_text)
+        fs = score(prefix_embeds)
+        if ev.calibrate:
+            fs = fs - calibration_offsets(model, shared_prefix(model, prefix_embeds), tok, cfg.task.template, verbalizer)
+        scores["few_shot"] = fs
+    if bar is not None:
+        bar.close()
+
+    results = {name: _metrics(s, rows, labels, ev.ece_bins) for name, s in scores.items()}
+    winner = "tuned"
+    if "ensemble" in results and getattr(results["ensemble"], ev.primary_metric) > getattr(results["tuned"], ev.primary_metric):
+        winner = "ensemble"
+    verdict, beats, comparisons = _verdict(results, scores, rows, winner, ev.primary_metric)
+    fingerprint = eval_fingerprint(rows, cfg.task.template, labels)
+    metrics = {
+        "primary_metric": ev.primary_metric,
+        "split": split_name,
+        "eval_fingerprint": fingerprint,
+        "winner": winner,
+        "beats_baselines": beats,
+        "verdict": verdict,
+        "comparisons": comparisons,
+        "few_shot_prefix": demo_text,
+        **{name: m.to_dict() for name, m in results.items()},
+    }
+    # The published prompt is the winner's score: an ensemble publishes its best member's adapter
+    # and records the ensemble's members (serving several prompts is what `predict` does).
+    metrics["tuned"] = results[winner].to_dict() | {"method": winner}
+    out = Path(artifact_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        shutil.copyfile(Path(adapter_dirs[0]) / name, out / name)
+    if len(adapter_dirs) > 1:
+        members = out / "ensemble"
+        for i, d in enumerate(adapter_dirs):
+            (members / f"member-{i}").mkdir(parents=True, exist_ok=True)
+            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                shutil.copyfile(Path(d) / name, members / f"member-{i}" / name)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    manifest = run_manifest(
+        cfg,
+        dataset={"fingerprint": dataset_manifest.get("fingerprint"), "counts": dataset_manifest.get("counts"), "sources": dataset_manifest.get("sources")},
+        base_model=loaded.identity,
+        train=train_summary,
+    )
+    (out / "run_manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    write_report(
+        ReportInputs(
+            title=f"softprompt: {cfg.task.name}",
+            task=cfg.task.name,
+            labels=labels,
+            primary_metric=ev.primary_metric,
+            results=results,
+            history=history or [],
+            manifest=manifest,
+            verdict=verdict,
+            notes=[f"Evaluated on the {split_name} split ({len(rows)} rows, fingerprint {fingerprint[:12]})."],
+        ),
+        out / "report.html",
+    )
+    return EvaluateResult(out, results, ev.primary_metric, split_name, beats, verdict, metrics)
+
+
+def eval_fingerprint(rows: ds.Split, template: str, labels: list[str]) -> str:
+    """SHA-256 of what was evaluated: the rows' texts and labels, the template and the label set."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"template": template, "labels": labels}).encode())
+    for text, label in zip(rows.texts, rows.labels, strict=True):
+        h.update(json.dumps([text, label]).encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _log_normalize(scores: np.ndarray) -> np.ndarray:
+    result: np.ndarray = np.log(to_probs(scores) + 1e-12)
+    return result
+
+
+def _metrics(scores: np.ndarray, rows: ds.Split, labels: list[str], bins: int) -> ClassificationMetrics:
+    slices = rows.slices if any(s is not None for s in rows.slices) else None
+    return classification_metrics(
+        rows.label_ids, scores.argmax(1).tolist(), to_probs(scores), labels,
+        slices=[str(s) for s in slices] if slices else None, ece_bins=bins,
+    )
+
+
+def _verdict(
+    results: dict[str, ClassificationMetrics], scores: dict[str, np.ndarray], rows: ds.Split, winner: str, metric: str
+) -> tuple[str, bool, dict[str, Any]]:
+    y = np.asarray(rows.label_ids)
+    ok_w = scores[winner].argmax(1) == y
+    mine = getattr(results[winner], metric)
+    lo, hi = bootstrap_ci(ok_w.tolist())
+    comparisons: dict[str, Any] = {}
+    parts, beats = [], True
+    for name in ("zero_shot", "few_shot"):
+        if name not in results:
+            continue
+        theirs = getattr(results[name], metric)
+        p = mcnemar_p(ok_w.tolist(), (scores[name].argmax(1) == y).tolist())
+        delta = (mine - theirs) * 100
+        comparisons[name] = {"delta_points": round(delta, 2), "mcnemar_p": p}
+        beats = beats and mine > theirs
+        parts.append(f"{delta:+.1f} points vs {METHOD_NAMES[name]} (p={p:.2g})")
+    if not parts:
+        return f"{METHOD_NAMES[winner]}: {metric} {mine * 100:.1f}% (no baselines scored)", True, comparisons
+    head = "beats both baselines" if beats and len(parts) == 2 else ("beats the baseline" if beats else "does NOT beat every baseline")
+    verdict = f"The {METHOD_NAMES[winner]} {head}: {metric} {mine * 100:.1f}% (95% CI {lo * 100:.1f}-{hi * 100:.1f}), " + ", ".join(parts) + "."
+    return verdict, beats, comparisons
+
+
+def _bar(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="evaluate", unit="row", dynamic_ncols=True)

@@ -1,0 +1,200 @@
+"""Predict (`softprompt predict`): batch inference with one or many published prompts on one model.
+
+A `PromptTable` holds several tuned prompts for the same frozen base model. Rows name their prompt;
+a batch may mix prompts, each row gathering its own soft prompt from the table (prompts of
+different lengths are left-aligned and masked). Results equal running each prompt alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from softprompt.config import JobConfig, config_from_dict
+from softprompt.engine import Prefix, body_and_head, greedy_generate, input_hidden, label_scores, make_batch
+from softprompt.errors import DataError, ModelError
+from softprompt.modeling import LoadedModel
+from softprompt.prompts import load_prompt_embeddings, read_adapter_config, resolve_prompt_dir
+from softprompt.scoring import to_probs
+from softprompt.tasks import Verbalizer, build_verbalizer, encode_input
+
+
+@dataclass
+class TunedPrompt:
+    """One published prompt: its embeddings and the task it was trained for."""
+
+    name: str
+    embeds: torch.Tensor  # [n, d]
+    cfg: JobConfig
+    verbalizer: Verbalizer | None
+    source: str
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One row's result: a label with per-label probabilities, or generated text."""
+
+    prompt: str
+    text: str
+    label: str | None = None
+    scores: dict[str, float] | None = None
+    generated: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        out: dict[str, Any] = {"prompt": self.prompt, "text": self.text}
+        if self.label is not None:
+            out["label"] = self.label
+            out["scores"] = self.scores
+        if self.generated is not None:
+            out["generated"] = self.generated
+        return out
+
+
+class PromptTable:
+    """Named prompts for one frozen base model."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.prompts: dict[str, TunedPrompt] = {}
+
+    def add(self, name: str, artifact: str | Path, cache_dir: Path | None = None) -> TunedPrompt:
+        """Load a prompt from an artifact folder (or registry URI) and register it under `name`.
+
+        Raises:
+            ModelError: when the prompt was trained for a model of another width.
+        """
+        folder = resolve_prompt_dir(artifact)
+        read_adapter_config(folder)
+        embeds = load_prompt_embeddings(folder)
+        width = int(self.loaded.model.get_input_embeddings().weight.shape[1])
+        if embeds.shape[1] != width:
+            raise ModelError(f"prompt {name!r} ({artifact}) has width {embeds.shape[1]}; the loaded base model has {width}")
+        cfg = _artifact_config(folder)
+        verbalizer = build_verbalizer(cfg.task, self.loaded.tokenizer) if cfg.task.kind == "classification" else None
+        prompt = TunedPrompt(name, embeds.to(self.loaded.device), cfg, verbalizer, str(artifact))
+        self.prompts[name] = prompt
+        return prompt
+
+    def prefix_for(self, names: Sequence[str]) -> Prefix:
+        """Per-row prompts gathered from the table: `[B, n_max, d]` plus a mask for shorter ones."""
+        rows = [self.prompts[n].embeds for n in names]
+        n_max = max(r.shape[0] for r in rows)
+        d = rows[0].shape[1]
+        embeds = torch.zeros(len(rows), n_max, d, dtype=rows[0].dtype, device=rows[0].device)
+        mask = torch.zeros(len(rows), n_max, dtype=torch.long, device=rows[0].device)
+        for i, r in enumerate(rows):
+            embeds[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = 1
+        return Prefix(embeds=embeds, mask=mask)
+
+
+def predict_rows(table: PromptTable, rows: Sequence[tuple[str, str]], batch_size: int = 32) -> list[Prediction]:
+    """Predict `(prompt name, text)` rows, batching rows of different prompts together.
+
+    Classification rows whose label words are single tokens share one forward pass per batch,
+    whatever their prompt; each row then reads its own task's label words at its last position.
+    """
+    unknown = sorted({name for name, _ in rows} - set(table.prompts))
+    if unknown:
+        raise DataError(f"rows name prompts {unknown} that are not loaded; loaded: {sorted(table.prompts)}")
+    tok = table.loaded.tokenizer
+    seqs = [encode_input(tok, table.prompts[name].cfg.task.template, text) for name, text in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(seqs[i]))
+    out: list[Prediction | None] = [None] * len(rows)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            names = [rows[i][0] for i in idx]
+            for i, pred in zip(idx, _predict_batch(table, names, [seqs[i] for i in idx], [rows[i][1] for i in idx]), strict=True):
+                out[i] = pred
+    return [p for p in out if p is not None]
+
+
+def read_inputs(path: str | Path, text_column: str = "text", prompt_column: str | None = None, default_prompt: str = "") -> list[tuple[str, str]]:
+    """Read `(prompt, text)` rows from JSONL, CSV, TSV, Parquet, or plain text (one input per line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"input file {p} does not exist")
+    suffix = p.suffix.lower()
+    records: Iterable[dict[str, Any]]
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        records = []
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{p} line {n} is not valid JSON: {exc.msg}; write one JSON object per line") from exc
+    elif suffix in (".csv", ".tsv"):
+        import csv
+
+        with p.open(encoding="utf-8", newline="") as f:
+            records = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    elif suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(p).to_pylist()
+    else:
+        records = [{text_column: line} for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for n, rec in enumerate(records, 1):
+        if text_column not in rec:
+            raise DataError(f"{p} row {n} has no {text_column!r} field (fields: {sorted(rec)}); pass --text-column")
+        name = str(rec.get(prompt_column, "")) if prompt_column else default_prompt
+        rows.append((name or default_prompt, str(rec[text_column])))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _predict_batch(table: PromptTable, names: list[str], seqs: list[list[int]], texts: list[str]) -> list[Prediction]:
+    model, tok = table.loaded.model, table.loaded.tokenizer
+    prompts = [table.prompts[n] for n in names]
+    results: list[Prediction | None] = [None] * len(names)
+    cls_rows = [i for i, p in enumerate(prompts) if p.verbalizer is not None and p.verbalizer.single_token]
+    if cls_rows:
+        sub = [names[i] for i in cls_rows]
+        batch = make_batch([seqs[i] for i in cls_rows], tok.pad_token_id, table.loaded.device)
+        h = input_hidden(model, table.prefix_for(sub), batch)
+        last = h[torch.arange(len(cls_rows)), batch.lengths - 1]
+        _, head = body_and_head(model)
+        logp = F.log_softmax(head(last).float(), -1)
+        for j, i in enumerate(cls_rows):
+            vb = prompts[i].verbalizer
+            assert vb is not None
+            s = torch.stack([torch.logsumexp(logp[j, [w[0] for w in ws]], -1) for ws in vb.words])
+            results[i] = _classified(prompts[i], texts[i], s.double().cpu().numpy())
+    for i, p in enumerate(prompts):
+        if results[i] is not None:
+            continue
+        if p.verbalizer is not None:  # multi-token label words: scored per row with teacher forcing
+            s = label_scores(model, Prefix(embeds=p.embeds), [seqs[i]], p.verbalizer, tok.pad_token_id)[0]
+            results[i] = _classified(p, texts[i], s.double().cpu().numpy())
+        else:
+            out = greedy_generate(model, p.embeds, [seqs[i]], max_new_tokens=p.cfg.task.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+            results[i] = Prediction(p.name, texts[i], generated=tok.decode(out[0], skip_special_tokens=True))
+    return [r for r in results if r is not None]
+
+
+def _classified(p: TunedPrompt, text: str, scores: np.ndarray) -> Prediction:
+    assert p.verbalizer is not None
+    probs = to_probs(scores[None, :])[0]
+    labels = list(p.verbalizer.labels)
+    return Prediction(p.name, text, label=labels[int(probs.argmax())], scores={lab: round(float(v), 6) for lab, v in zip(labels, probs, strict=True)})
+
+
+def _artifact_config(folder: Path) -> JobConfig:
+    for candidate in (folder / "run_manifest.json", folder.parent / "run_manifest.json"):
+        if candidate.is_file():
+            manifest = json.loads(candidate.read_text(encoding="utf-8"))
+            return config_from_dict(manifest["config"])
+    raise ModelError(f"{folder} has no run_manifest.json with the task's config; predict needs a published artifact folder")
