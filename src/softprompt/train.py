@@ -46,6 +46,10 @@ class TrainHooks(Protocol):
 
     rank: int
     world_size: int
+    presharded: bool
+    """True when `train` is already this worker's shard (e.g. from Ray Data's `get_dataset_shard`):
+    each worker then draws batches of `batch_size / world_size` from its own rows. False: every
+    worker holds all rows and takes its slice of each global batch."""
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """Wrap the trainable prompt module (e.g. in DistributedDataParallel)."""
@@ -121,7 +125,10 @@ def run(
         state, best_embeds = _load_checkpoint(ckpt, prompt, optimizer, scheduler)
         log.info("resumed from %s at step %d", ckpt, state["step"])
     eval_rows = _eval_subset(eval_split, tc.eval_max_rows, tc.seed) if eval_split is not None else None
-    plan = _BatchPlan(train.lengths, tc.batch_size, world, rank, tc.seed, tc.length_grouping)
+    if hooks is not None and hooks.presharded:
+        plan = _BatchPlan(train.lengths, -(-tc.batch_size // world), 1, 0, tc.seed + rank, tc.length_grouping)
+    else:
+        plan = _BatchPlan(train.lengths, tc.batch_size, world, rank, tc.seed, tc.length_grouping)
     pad_id = tok.pad_token_id
 
     bar = _progress(progress and rank == 0, tc.steps, state["step"])
