@@ -1,0 +1,63 @@
+"""Ingest from a real S3 endpoint (moto's server on loopback) via `data.s3_endpoint_url`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from softprompt.config import JobConfig, ModelConfig, config_from_dict
+from softprompt.dataset import read_manifest, read_split
+from softprompt.errors import DataError
+from softprompt.ingest import run
+from softprompt.modeling import load_tokenizer
+from softprompt.testing import build_tiny_model
+
+TASK = {
+    "name": "sent",
+    "labels": ["negative", "positive"],
+    "verbalizer": {"negative": [" no"], "positive": [" yes"]},
+}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return load_tokenizer(ModelConfig(name=str(build_tiny_model(tmp_path_factory.mktemp("tiny")))))
+
+
+def cfg_for(train: str, endpoint: str, **data: Any) -> JobConfig:
+    return config_from_dict({"task": TASK, "data": {"train": train, "s3_endpoint_url": endpoint, **data}})
+
+
+def test_ingest_csv_from_s3(tmp_path: Path, tok: Any, s3_endpoint: str, s3_bucket: str) -> None:
+    body = "text,label\n" + "".join(f'"review {i}, with a comma",{i % 2}\n' for i in range(20))
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.put_object(Bucket=s3_bucket, Key="raw/sst/train.csv", Body=body.encode())
+    client.put_object(
+        Bucket=s3_bucket, Key="test.csv", Body=b"text,label\nheld out review,1\nanother one,0\n"
+    )
+    uri = f"s3://{s3_bucket}/raw/sst/train.csv"
+    cfg = cfg_for(
+        uri, s3_endpoint, test=f"s3://{s3_bucket}/test.csv", label_map={"0": "negative", "1": "positive"}
+    )
+    out = tmp_path / "out"
+
+    result = run(cfg, out, tokenizer=tok)
+
+    assert result.counts == {"train": 18, "eval": 2, "test": 2}
+    assert result.rejected == 0
+    sources = read_manifest(out)["sources"]
+    assert [s["uri"] for s in sources] == [uri, f"s3://{s3_bucket}/test.csv"]
+    assert sources[0]["rows_read"] == 20
+    texts = read_split(out, "train").texts + read_split(out, "eval").texts
+    assert "review 3, with a comma" in texts
+    assert json.loads((out / "dataset_manifest.json").read_text())["fingerprint"] == result.fingerprint
+
+
+def test_missing_s3_object_is_named(tmp_path: Path, tok: Any, s3_endpoint: str, s3_bucket: str) -> None:
+    uri = f"s3://{s3_bucket}/raw/missing.csv"
+    with pytest.raises(DataError, match=r"cannot read data\.train=s3://.*/raw/missing\.csv.*missing\.csv"):
+        run(cfg_for(uri, s3_endpoint), tmp_path / "out", tokenizer=tok)
