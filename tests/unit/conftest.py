@@ -1,0 +1,90 @@
+"""Fixtures for the core-engine tests: one tiny random Llama per session and small demo configs.
+
+The tiny model's tokenizer is trained on the demo texts rendered with the demo template and label
+words, so the demo's label words are single tokens (the fast scoring path); tests that need
+multi-token label words pick words the tokenizer splits.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from softprompt.config import JobConfig, ModelConfig, load_config
+from softprompt.modeling import LoadedModel, load_model
+from softprompt.testing import build_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEMO_TRAIN = REPO_ROOT / "src" / "softprompt" / "demo" / "train.csv"
+DEMO_TEST = REPO_ROOT / "src" / "softprompt" / "demo" / "test.csv"
+
+DemoConfig = Callable[..., JobConfig]
+
+
+def tokenizer_texts() -> list[str]:
+    """The demo rows rendered as the model will see them: template, text and label word."""
+    cfg = load_config(DEMO_CONFIG, [f"data.train={DEMO_TRAIN}", f"data.test={DEMO_TEST}"])
+    with DEMO_TRAIN.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [cfg.task.template.replace("{text}", r["text"]) + cfg.task.verbalizer[r["label"]][0] for r in rows]
+
+
+def small_overrides(model_dir: Path, workdir: Path) -> list[str]:
+    """Overrides that shrink the demo job to seconds on the tiny model (data paths made absolute)."""
+    return [
+        f"model.name={model_dir}",
+        f"model.cache_dir={workdir / 'cache'}",
+        "model.device=cpu",
+        f"data.train={DEMO_TRAIN}",
+        f"data.test={DEMO_TEST}",
+        "data.max_train_rows=64",
+        "data.max_eval_rows=28",
+        "data.max_test_rows=28",
+        "prompt.num_virtual_tokens=4",
+        "train.steps=4",
+        "train.batch_size=4",
+        "train.warmup_steps=1",
+        "train.eval_every=2",
+        "train.eval_max_rows=14",
+        "train.log_every=1",
+        "evaluate.batch_size=16",
+        f"workdir={workdir}",
+        f"publish.store={workdir / 'registry'}",
+        "run_name=test",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (2 layers, width 64) whose tokenizer knows the demo vocabulary."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_texts(), vocab_size=1000)
+
+
+@pytest.fixture()
+def tiny(tiny_model_dir: Path) -> LoadedModel:
+    """The tiny model loaded fresh (loading takes milliseconds; PEFT wrapping never leaks between tests)."""
+    return load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+
+
+@pytest.fixture()
+def demo_cfg(tiny_model_dir: Path, tmp_path: Path) -> DemoConfig:
+    """`demo_cfg("train.steps=8", ...)`: configs/demo.yaml on the tiny model, a few steps, under tmp_path."""
+
+    def make(*overrides: str) -> JobConfig:
+        return load_config(DEMO_CONFIG, [*small_overrides(tiny_model_dir, tmp_path), *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def demo_data(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo data ingested once (small row caps) for the tiny model's tokenizer."""
+    from softprompt import ingest
+
+    work = tmp_path_factory.mktemp("demo-data")
+    cfg = load_config(DEMO_CONFIG, small_overrides(tiny_model_dir, work))
+    return ingest.run(cfg, work / "data").output_dir
