@@ -200,6 +200,106 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """Where and how Ray runs training (`softprompt tune`, and `softprompt run` when tuning)."""
+
+    address: str | None = None
+    """Ray cluster to use: `null` starts a local Ray (with its dashboard) for this command; `auto`
+    joins the cluster this machine belongs to; `HOST:6379` joins that one. `--ray-address` wins."""
+    num_workers: int = 2
+    """Ray Train workers per training run (DDP ranks). Each holds a copy of the frozen model and
+    trains on its shard of the rows; the prompt's gradient is tiny, so the all-reduce is cheap."""
+    use_gpu: bool = False
+    """Give each worker a GPU and use NCCL; False trains on CPU workers with gloo."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs each worker reserves (and the torch threads it uses on CPU)."""
+    gpus_per_worker: float | None = None
+    """GPUs each worker reserves with `use_gpu`; `null` means 1. Fractions pack several small
+    trials onto one GPU."""
+    accelerator_type: str | None = None
+    """Only schedule workers on nodes with this accelerator (e.g. `A100`, `H100`); `null`: any."""
+    num_cpus: int | None = None
+    """Logical CPUs of a local Ray started by this command; `null` uses every core. Ignored when
+    joining a cluster."""
+    storage_path: str | None = None
+    """Where Ray Train and Tune keep checkpoints and trial state: a local folder or `s3://bucket/prefix`.
+    `null` uses `<run folder>/ray`. A multi-node cluster needs shared storage (S3)."""
+    storage_endpoint_url: str | None = None
+    """Custom S3 endpoint (MinIO, moto) for an `s3://` storage path or `s3://` data; passed to pyarrow
+    as `endpoint_override` (pyarrow ignores AWS_ENDPOINT_URL)."""
+    max_failures: int = 2
+    """Worker-group failures a training run recovers from (restarting from its last checkpoint);
+    -1 retries forever, 0 fails at once."""
+    controller_failure_limit: int = 3
+    """Failures of Ray Train's controller tolerated per run. Ray's default (-1) retries forever,
+    which hides a broken setup behind an endless loop; keep it finite."""
+    worker_start_timeout_s: float = 120.0
+    """Seconds a worker group may take to start (scheduling, image pull, model load) before the
+    attempt counts as failed. Ray's default of 60s is short for a cold GPU node."""
+    dashboard: bool = True
+    """Start the Ray dashboard with a local Ray. Keep it on: without it a trial stopped by ASHA can
+    leak its placement group and starve the next trial, and the metrics exporter runs beside it."""
+    checkpoints_to_keep: int = 2
+    """Checkpoints kept per training run (the best by eval metric, and always the latest)."""
+
+
+_DEFAULT_SEARCH_SPACE: dict[str, dict[str, Any]] = {
+    "train.lr": {"type": "loguniform", "low": 1e-3, "high": 3e-1},
+    "prompt.num_virtual_tokens": {"type": "choice", "values": [8, 16, 32]},
+    "prompt.init": {"type": "choice", "values": ["label_words", "text", "vocab"]},
+    "train.warmup_steps": {"type": "choice", "values": [0, 5, 10]},
+    "train.seed": {"type": "choice", "values": [0, 1, 2]},
+}
+
+SEARCH_SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
+"""Kinds of `tune.search_space` entries: `loguniform`/`uniform` (low, high), `int` (low, high
+inclusive), `choice` (values)."""
+
+TUNABLE_SECTIONS = ("task", "prompt", "train")
+"""Sections whose keys `tune.search_space` may vary."""
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Hyperparameter search with Ray Tune (`softprompt tune`): each trial is a Ray Train run."""
+
+    num_samples: int = 0
+    """Trials to run. 0 turns tuning off: `softprompt run` trains once (through Ray Train when a Ray
+    address is given, else in-process); `softprompt tune` then runs a single trial."""
+    search: Literal["random", "optuna"] = "random"
+    """`random` samples the space independently; `optuna` (TPE) proposes each trial from the results
+    so far (better with 10+ trials, and it limits how many trials run at once to stay informed)."""
+    scheduler: Literal["asha", "none"] = "asha"
+    """`asha` stops trials whose eval metric trails the others at the same point; `none` runs every
+    trial to `train.steps`."""
+    grace_period: int = 1
+    """ASHA: evaluation rounds (of `train.eval_every` steps) every trial runs before it can be stopped."""
+    reduction_factor: int = 3
+    """ASHA: keep the top 1/reduction_factor of trials at each rung (rungs at grace_period x rf^k rounds)."""
+    max_t: int | None = None
+    """ASHA: evaluation rounds of a full trial; `null` derives ceil(train.steps / train.eval_every)."""
+    metric: Literal["accuracy", "macro_f1"] | None = None
+    """Eval metric that trials are ranked and stopped on; `null` uses `evaluate.primary_metric`."""
+    search_space: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: dict(v) for k, v in _DEFAULT_SEARCH_SPACE.items()})
+    """`section.key` -> a distribution over that config value: `{type: loguniform, low: 1e-3, high:
+    0.3}`, `{type: uniform, low, high}`, `{type: int, low, high}` (inclusive) or `{type: choice,
+    values: [...]}`. Keys of `task`, `prompt` and `train` only. Setting it replaces the whole default
+    space (on the command line: `'tune.search_space={train.lr: {type: choice, values: [0.03, 0.1]}}'`);
+    a value not in the space comes from the rest of the config."""
+    max_concurrent_trials: int | None = None
+    """Trials running at once; `null` derives it from the cluster: its CPUs (GPUs with `ray.use_gpu`)
+    divided by what one trial's workers reserve."""
+    top_k_ensemble: int = 3
+    """The best k trials' prompts are also scored as an ensemble (mean label log-probability), and
+    the ensemble wins when it scores higher on the eval split; 1 turns ensembles off."""
+    resume: bool = True
+    """Continue an interrupted sweep of the same run folder (`Tuner.restore`: finished trials are
+    kept, unfinished ones resume from their last checkpoint); False starts the sweep over."""
+    seed: int = 0
+    """Seed of the search algorithm: the same seed proposes the same trials."""
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A whole job: every stage's configuration."""
 
@@ -217,6 +317,10 @@ class JobConfig:
     """Final evaluation and baselines."""
     publish: PublishConfig = field(default_factory=PublishConfig)
     """Where results are published."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray cluster, Ray Train workers and fault tolerance."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """Hyperparameter search with Ray Tune."""
     workdir: str = "runs"
     """Local working folder: each run writes to `<workdir>/<run_name>/`."""
     run_name: str | None = None
@@ -361,6 +465,109 @@ def validate(cfg: JobConfig) -> list[str]:
         problems.append("evaluate.batch_size and evaluate.ece_bins must be >= 1 and evaluate.few_shot_k >= 0")
     if t.kind == "generation" and ev.baselines and "few_shot" in ev.baselines and ev.calibrate:
         problems.append("evaluate.calibrate applies to classification only; set it to false for generation")
+    problems.extend(_ray_problems(cfg.ray))
+    problems.extend(_tune_problems(cfg))
+    return problems
+
+
+def _ray_problems(r: RayConfig) -> list[str]:
+    problems: list[str] = []
+    if r.num_workers < 1:
+        problems.append(f"ray.num_workers={r.num_workers} must be at least 1")
+    if r.cpus_per_worker <= 0:
+        problems.append(f"ray.cpus_per_worker={r.cpus_per_worker} must be positive")
+    if r.gpus_per_worker is not None and not r.use_gpu:
+        problems.append("ray.gpus_per_worker is set but ray.use_gpu is false; set ray.use_gpu=true or drop it")
+    if r.gpus_per_worker is not None and r.gpus_per_worker <= 0:
+        problems.append(f"ray.gpus_per_worker={r.gpus_per_worker} must be positive or null")
+    if r.num_cpus is not None and r.num_cpus < 1:
+        problems.append(f"ray.num_cpus={r.num_cpus} must be at least 1 or null")
+    if r.max_failures < -1:
+        problems.append(f"ray.max_failures={r.max_failures} must be -1 (forever), 0 or more")
+    if r.controller_failure_limit < 0:
+        problems.append(f"ray.controller_failure_limit={r.controller_failure_limit} must be 0 or more (a finite limit; -1 would retry forever)")
+    if r.worker_start_timeout_s <= 0:
+        problems.append(f"ray.worker_start_timeout_s={r.worker_start_timeout_s} must be positive")
+    if r.checkpoints_to_keep < 1:
+        problems.append(f"ray.checkpoints_to_keep={r.checkpoints_to_keep} must be at least 1 (resuming needs the latest)")
+    if r.storage_path is not None and "://" in r.storage_path and not r.storage_path.startswith("s3://"):
+        problems.append(f"ray.storage_path={r.storage_path!r}: use a local folder or an s3://bucket/prefix URI")
+    if r.storage_path is not None and r.storage_path.startswith("s3://") and not r.storage_path[5:].strip("/"):
+        problems.append("ray.storage_path=s3:// needs a bucket: s3://bucket/prefix")
+    return problems
+
+
+def _tune_problems(cfg: JobConfig) -> list[str]:
+    t, tr = cfg.tune, cfg.train
+    problems: list[str] = []
+    if t.num_samples < 0:
+        problems.append(f"tune.num_samples={t.num_samples} must be 0 (no tuning) or more")
+    if t.grace_period < 1:
+        problems.append(f"tune.grace_period={t.grace_period} must be at least 1 evaluation round")
+    if t.reduction_factor < 2:
+        problems.append(f"tune.reduction_factor={t.reduction_factor} must be at least 2")
+    if t.max_t is not None and t.max_t < t.grace_period:
+        problems.append(f"tune.max_t={t.max_t} must be at least tune.grace_period={t.grace_period} (or null)")
+    if t.max_concurrent_trials is not None and t.max_concurrent_trials < 1:
+        problems.append(f"tune.max_concurrent_trials={t.max_concurrent_trials} must be at least 1 or null")
+    if t.top_k_ensemble < 1:
+        problems.append(f"tune.top_k_ensemble={t.top_k_ensemble} must be at least 1 (1 turns ensembles off)")
+    if t.num_samples >= 1 and t.scheduler == "asha" and tr.eval_every == 0:
+        problems.append("tune.scheduler=asha compares trials at evaluations: set train.eval_every > 0 or tune.scheduler=none")
+    base: list[str] | None = None
+    hints = {name: typing.get_type_hints(typing.cast(type, tp)) for name, tp in typing.get_type_hints(JobConfig).items() if dataclasses.is_dataclass(tp)}
+    for key, spec in t.search_space.items():
+        where = f"tune.search_space.{key}"
+        section, _, name = key.partition(".")
+        if section not in TUNABLE_SECTIONS or "." in name or name not in hints.get(section, {}):
+            valid = ", ".join(f"{s}.{k}" for s in TUNABLE_SECTIONS for k in hints[s])
+            problems.append(f"{where}: not a tunable key; use one of {valid}")
+            continue
+        spec_problems = _spec_problems(where, spec)
+        problems.extend(spec_problems)
+        if spec_problems or t.num_samples < 1:
+            continue
+        # Every value a trial can draw must give a valid job: check the choices and range ends now,
+        # not as a failed trial an hour into the sweep.
+        candidates = spec["values"] if spec["type"] == "choice" else [spec["low"], spec["high"]]
+        if base is None:
+            base = validate(dataclasses.replace(cfg, tune=dataclasses.replace(t, search_space={})))
+        for value in candidates:
+            ok, coerced = _coerce(value, hints[section][name])
+            if not ok:
+                problems.append(f"{where}: value {value!r} must be {_describe(hints[section][name])}")
+                continue
+            trial = dataclasses.replace(
+                cfg,
+                tune=dataclasses.replace(t, search_space={}),
+                **{section: dataclasses.replace(getattr(cfg, section), **{name: coerced})},
+            )
+            problems.extend(f"{where}: value {value!r} gives {p}" for p in validate(trial) if p not in base)
+    return problems
+
+
+def _spec_problems(where: str, spec: Any) -> list[str]:
+    if not isinstance(spec, dict) or spec.get("type") not in SEARCH_SPACE_TYPES:
+        return [f"{where}={spec!r}: needs type: one of {', '.join(SEARCH_SPACE_TYPES)} (e.g. {{type: loguniform, low: 0.001, high: 0.3}})"]
+    kind = spec["type"]
+    keys = {"type", "values"} if kind == "choice" else {"type", "low", "high"}
+    problems = [f"{where}: unknown field {k!r} for type {kind}; fields: {', '.join(sorted(keys))}" for k in sorted(set(spec) - keys)]
+    if kind == "choice":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            problems.append(f"{where}: type choice needs a non-empty list `values`")
+        return problems
+    low, high = spec.get("low"), spec.get("high")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+    if not numbers:
+        return [*problems, f"{where}: type {kind} needs numbers `low` and `high`, got low={low!r} high={high!r}"]
+    assert isinstance(low, (int, float)) and isinstance(high, (int, float))
+    if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
+        problems.append(f"{where}: type int needs integer low and high")
+    if low >= high:
+        problems.append(f"{where}: low={low} must be below high={high}")
+    if kind == "loguniform" and low <= 0:
+        problems.append(f"{where}: type loguniform needs low > 0, got {low}")
     return problems
 
 
