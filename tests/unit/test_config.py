@@ -184,5 +184,5 @@ def test_config_is_frozen_and_replace_validates() -> None:
     with pytest.raises(AttributeError):
         cfg.train.steps = 3  # type: ignore[misc]
     assert replace(cfg, ["train.steps=3", "train.warmup_steps=1"]).train.steps == 3
-    with pytest.raises(ConfigError, match="train.steps=0"):
+    with pytest.raises(ConfigError, match=r"train\.steps=0"):
         replace(cfg, ["train.steps=0"])
