@@ -1,9 +1,7 @@
 """The engine's forward against the plain Hugging Face forward on the concatenated embeddings.
 
-The tiny model's transformer layers are redrawn with a larger scale here: at its default init the
-residual stream is nearly its input embedding, so with tied embeddings greedy decoding just repeats
-the last token and a wrong position or mask barely moves a score. Redrawn, the output depends on
-the context, and the comparisons below have teeth.
+Every test uses `tiny_ctx` (conftest): the tiny model with layers redrawn so that its output depends
+on the context, and a wrong position or mask shows.
 
 The references run one row at a time with no padding and the model's own `forward` (default
 position ids, full logits), so they share nothing with the engine's batching, right padding,
@@ -12,30 +10,20 @@ explicit positions, key/value prefix cache or sparse LM head.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from softprompt.config import ModelConfig
 from softprompt.engine import Prefix, cache_prefix, greedy_generate, label_scores, make_batch, target_loss
-from softprompt.modeling import LoadedModel, load_model
+from softprompt.modeling import LoadedModel
 from softprompt.tasks import Verbalizer
 
 ATOL = 1e-4
 
 
 @pytest.fixture()
-def tiny(tiny_model_dir: Path) -> LoadedModel:
-    """The tiny model with its layers redrawn at std 0.2 (same weights every time)."""
-    loaded = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in loaded.model.model.layers.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return loaded
+def tiny(tiny_ctx: LoadedModel) -> LoadedModel:
+    return tiny_ctx
 
 
 def _seqs(tiny: LoadedModel) -> list[list[int]]:
