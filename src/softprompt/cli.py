@@ -213,12 +213,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         name, _, ref = item.rpartition("=") if "=" in item and not item.startswith("s3://") else ("", "", item)
         local = resolve_artifact(ref, cache, endpoint_url=args.endpoint_url) if ref.startswith("s3://") else Path(ref)
         refs.append((name or f"p{len(refs)}", local))
+    # Read the inputs first: a bad file should fail in a second, not after loading the model.
+    rows = predict.read_inputs(args.input, args.text_column, args.prompt_column, default_prompt=refs[0][0])
     first_cfg = predict._artifact_config(refs[0][1])
     model_cfg = ModelConfig(**{**first_cfg.model.__dict__, **({"name": args.model} if args.model else {})})
     table = predict.PromptTable(load_model(model_cfg))
     for name, local in refs:
         table.add(name, local)
-    rows = predict.read_inputs(args.input, args.text_column, args.prompt_column, default_prompt=refs[0][0])
     preds = predict.predict_rows(table, rows, args.batch_size)
     lines = "\n".join(json.dumps(p.to_dict(), ensure_ascii=False) for p in preds) + "\n"
     if args.output:
