@@ -134,10 +134,10 @@ def run(
     bar = _progress(progress and rank == 0, tc.steps, state["step"])
     tokens = 0
     t0 = time.perf_counter()
-    stopped_early = False
+    stopped_early = bool(state.get("stopped_early", False))  # a resumed early-stopped run is finished
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    while state["step"] < tc.steps:
+    while state["step"] < tc.steps and not stopped_early:
         step = state["step"]
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
@@ -171,13 +171,15 @@ def run(
                 best_embeds = prompt.embeddings().detach().clone()
             else:
                 state["bad_evals"] += 1
+            patience = tc.early_stopping_patience
+            if patience is not None and state["bad_evals"] >= patience:
+                state["stopped_early"] = True  # in the checkpoint, so resuming it does not train on
             ckpt_dir = _save_checkpoint(ckpt, prompt, optimizer, scheduler, state, best_embeds) if rank == 0 else None
             if hooks:
                 hooks.report({"step": step, "train_loss": loss_sum, **record, "best_metric": state["best_metric"]}, ckpt_dir)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_sum:.4f}", eval=f"{value:.4f}", best=f"{state['best_metric']:.4f}")
-            patience = tc.early_stopping_patience
-            if patience is not None and state["bad_evals"] >= patience:
+            if state.get("stopped_early"):
                 stopped_early = True
                 break
         elif tc.checkpoint_every and step % tc.checkpoint_every == 0 and rank == 0:
