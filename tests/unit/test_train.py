@@ -166,6 +166,9 @@ def test_early_stopping_stops(tiny: LoadedModel, tmp_path: Path) -> None:
     assert result.stopped_early
     assert result.steps == 3 and result.best_step == 1
     assert [h["step"] for h in result.history if "eval_metric" in h] == [1, 2, 3]
+    # Running it again resumes a finished run: it trains no further.
+    again = train.run(cfg, tiny, data, rows, tmp_path)
+    assert again.stopped_early and again.steps == 3 and again.history == result.history
 
 
 def test_grad_accumulation_sums_micro_batches(tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
