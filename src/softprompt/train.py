@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from softprompt import prompts as prompts_mod
-from softprompt.config import JobConfig
+from softprompt.config import JobConfig, to_dict
 from softprompt.dataset import Split
 from softprompt.engine import Prefix, label_scores, target_loss
+from softprompt.errors import ConfigError
 from softprompt.metrics import classification_metrics
 from softprompt.modeling import LoadedModel
 from softprompt.scoring import score_split, shared_prefix
@@ -118,11 +119,14 @@ def run(
     params = prompt.parameters()
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.warmup_steps, tc.steps, tc.schedule))
-    state: dict[str, Any] = {"step": 0, "history": [], "best_metric": None, "best_step": 0, "bad_evals": 0}
+    fingerprint = _run_fingerprint(cfg, loaded, train, eval_split, hooks)
+    state: dict[str, Any] = {"step": 0, "history": [], "best_metric": None, "best_step": 0, "bad_evals": 0, "fingerprint": fingerprint}
     ckpt = out / CHECKPOINT_DIR
     best_embeds: torch.Tensor | None = None
     if resume and (ckpt / "state.json").is_file():
+        _check_resumable(ckpt, fingerprint)
         state, best_embeds = _load_checkpoint(ckpt, prompt, optimizer, scheduler)
+        state["fingerprint"] = fingerprint
         log.info("resumed from %s at step %d", ckpt, state["step"])
     eval_rows = _eval_subset(eval_split, tc.eval_max_rows, tc.seed) if eval_split is not None else None
     if hooks is not None and hooks.presharded:
@@ -341,6 +345,36 @@ def _progress(enabled: bool, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _run_fingerprint(cfg: JobConfig, loaded: LoadedModel, train: Split, eval_split: Split | None, hooks: TrainHooks | None) -> dict[str, str]:
+    """Hashes of what shapes the trained prompt: task, prompt, train settings, base model and data."""
+    import hashlib
+
+    tr = {k: v for k, v in to_dict(cfg.train).items() if k not in ("log_every", "checkpoint_every")}
+    parts: dict[str, Any] = {
+        "task": to_dict(cfg.task),
+        "prompt": to_dict(cfg.prompt),
+        "train": tr,
+        "model": loaded.identity.get("weights_sha256") or loaded.identity.get("source") or cfg.model.name,
+    }
+    if not (hooks is not None and hooks.presharded):  # a worker's shard may differ between restarts
+        parts["data"] = [[s.input_ids, s.label_ids, s.target_ids] for s in (train, eval_split) if s is not None]
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16] for k, v in parts.items()}
+
+
+def _check_resumable(ckpt: Path, fingerprint: dict[str, str]) -> None:
+    """Refuse to resume a checkpoint of another run: the result would be published under this run's
+    config while holding (part of) the other run's prompt."""
+    saved = json.loads((ckpt / "state.json").read_text()).get("fingerprint")
+    if saved is None:  # written before fingerprints were recorded
+        return
+    changed = sorted(k for k in fingerprint.keys() | saved.keys() if fingerprint.get(k) != saved.get(k))
+    if changed:
+        raise ConfigError(
+            f"{ckpt} was written by a run with a different {', '.join(changed)}; resuming it would mix two runs. "
+            "Use another run_name (or --run-dir), delete that checkpoint, or pass --no-resume to `softprompt train`"
+        )
 
 
 def _save_checkpoint(
