@@ -16,7 +16,7 @@ from softprompt import prompts, train
 from softprompt.config import JobConfig, config_from_dict
 from softprompt.dataset import Split
 from softprompt.engine import Prefix, label_scores
-from softprompt.errors import ModelError
+from softprompt.errors import ConfigError, ModelError
 from softprompt.modeling import LoadedModel
 from softprompt.tasks import build_verbalizer, encode_input
 
@@ -140,6 +140,23 @@ def test_resume_of_a_finished_run_trains_no_further(tiny: LoadedModel, tmp_path:
     again = train.run(cfg, tiny, data, None, tmp_path)
     assert again.steps == first.steps == 3
     assert torch.equal(prompts.load_prompt_embeddings(first.adapter_dir), prompts.load_prompt_embeddings(again.adapter_dir))
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tiny: LoadedModel, tmp_path: Path) -> None:
+    data = synthetic(tiny.tokenizer, 16)
+    cfg = syn_cfg(steps=2, eval_every=0)
+    train.run(cfg, tiny, data, None, tmp_path)
+    changed = {
+        "train": (syn_cfg(steps=2, eval_every=0, lr=0.3), data),
+        "prompt": (syn_cfg(steps=2, eval_every=0, prompt={"num_virtual_tokens": 5}), data),
+        "data": (cfg, synthetic(tiny.tokenizer, 16, seed=7)),
+    }
+    for what, (other_cfg, other_data) in changed.items():
+        with pytest.raises(ConfigError, match=rf"different {what}; resuming it would mix two runs"):
+            train.run(other_cfg, tiny, other_data, None, tmp_path)
+    # Settings that do not shape the prompt may change; --no-resume starts over.
+    assert train.run(syn_cfg(steps=2, eval_every=0, log_every=2), tiny, data, None, tmp_path).steps == 2
+    assert train.run(changed["train"][0], tiny, data, None, tmp_path, resume=False).steps == 2
 
 
 def test_checkpoints_hold_only_safetensors_and_json(tiny: LoadedModel, tmp_path: Path) -> None:
