@@ -8,7 +8,7 @@ different lengths are left-aligned and masked). Results equal running each promp
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,37 +119,59 @@ def predict_rows(table: PromptTable, rows: Sequence[tuple[str, str]], batch_size
 
 
 def read_inputs(path: str | Path, text_column: str = "text", prompt_column: str | None = None, default_prompt: str = "") -> list[tuple[str, str]]:
-    """Read `(prompt, text)` rows from JSONL, CSV, TSV, Parquet, or plain text (one input per line)."""
+    """Read `(prompt, text)` rows from JSONL, CSV, TSV, Parquet, or plain text (one input per line).
+
+    Raises:
+        DataError: naming the file and the line or row: unreadable or non-UTF-8 bytes, a JSONL line
+            that is not a JSON object, a row without the text field or with an empty text.
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"input file {p} does not exist")
     suffix = p.suffix.lower()
-    records: Iterable[dict[str, Any]]
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        records = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{p} line {n} is not valid JSON: {exc.msg}; write one JSON object per line") from exc
-    elif suffix in (".csv", ".tsv"):
-        import csv
-
-        with p.open(encoding="utf-8", newline="") as f:
-            records = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    elif suffix in (".parquet", ".pq"):
+    records: list[tuple[str, Any]] = []  # (where, record): "line 3" or "row 3", as people count them
+    if suffix in (".parquet", ".pq"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        records = pq.read_table(p).to_pylist()
+        try:
+            table = pq.read_table(p)
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"{p} is not a readable Parquet file: {exc}") from exc
+        records = [(f"row {n}", rec) for n, rec in enumerate(table.to_pylist(), 1)]
     else:
-        records = [{text_column: line} for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raw = p.read_bytes()
+        try:
+            content = raw.decode("utf-8-sig")  # like ingest, accept a UTF-8 byte-order mark
+        except UnicodeDecodeError as exc:
+            bad = raw[: exc.start].count(b"\n") + 1
+            raise DataError(f"{p} line {bad} is not valid UTF-8 ({exc.reason}); save the file as UTF-8") from exc
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            for n, line in enumerate(content.splitlines(), 1):
+                if line.strip():
+                    try:
+                        records.append((f"line {n}", json.loads(line)))
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{p} line {n} is not valid JSON: {exc.msg}; write one JSON object per line") from exc
+        elif suffix in (".csv", ".tsv"):
+            import csv
+            import io
+
+            reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+            records = [(f"row {n}", rec) for n, rec in enumerate(reader, 1)]
+        else:
+            records = [(f"line {n}", {text_column: line}) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
     rows = []
-    for n, rec in enumerate(records, 1):
+    for where, rec in records:
+        if not isinstance(rec, dict):
+            raise DataError(f"{p} {where} is a JSON {type(rec).__name__}, not an object; write one object per line, e.g. {{\"{text_column}\": \"...\"}}")
         if text_column not in rec:
-            raise DataError(f"{p} row {n} has no {text_column!r} field (fields: {sorted(rec)}); pass --text-column")
-        name = str(rec.get(prompt_column, "")) if prompt_column else default_prompt
-        rows.append((name or default_prompt, str(rec[text_column])))
+            raise DataError(f"{p} {where} has no {text_column!r} field (fields: {sorted(rec)}); pass --text-column")
+        text = rec[text_column]
+        if text is None or isinstance(text, (dict, list)) or not str(text).strip():
+            raise DataError(f"{p} {where} has an empty or non-text {text_column!r} value ({text!r}); give every row a text")
+        name = str(rec.get(prompt_column) or "") if prompt_column else default_prompt
+        rows.append((name or default_prompt, str(text)))
     return rows
 
 
