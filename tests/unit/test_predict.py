@@ -142,27 +142,59 @@ def test_cli_predict_routes_rows_by_prompt_column(table: predict.PromptTable, tm
     assert [(r["prompt"], r["label"] in (INTENT if r["prompt"] == "intent" else SENTIMENT)["labels"]) for r in lines] == [("intent", True), ("sentiment", True)]
 
 
+def _raises(path: Path, *fragments: str) -> None:
+    with pytest.raises(DataError) as exc:
+        predict.read_inputs(path)
+    for fragment in (str(path), *fragments):
+        assert fragment in str(exc.value), (fragment, str(exc.value))
+
+
 def test_bad_input_files_name_the_file_and_row(tmp_path: Path) -> None:
-    missing = tmp_path / "nope.jsonl"
-    with pytest.raises(DataError, match=r"nope\.jsonl does not exist"):
-        predict.read_inputs(missing)
+    _raises(tmp_path / "nope.jsonl", "does not exist")
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"text": "ok"}\n{"text": oops}\n')
-    with pytest.raises(DataError) as exc:
-        predict.read_inputs(bad_json)
-    assert str(bad_json) in str(exc.value) and "line 2" in str(exc.value)
+    _raises(bad_json, "line 2 is not valid JSON")
     no_field = tmp_path / "nofield.jsonl"
-    no_field.write_text('{"text": "a"}\n{"text": "b"}\n{"body": "c"}\n')
-    with pytest.raises(DataError) as exc:
-        predict.read_inputs(no_field)
-    assert str(no_field) in str(exc.value) and "row 3" in str(exc.value) and "'body'" in str(exc.value) and "--text-column" in str(exc.value)
+    no_field.write_text('{"text": "a"}\n\n{"text": "b"}\n{"body": "c"}\n')
+    _raises(no_field, "line 4 has no 'text' field", "'body'", "--text-column")  # file lines, blank ones counted
+    not_object = tmp_path / "strings.jsonl"
+    not_object.write_text('{"text": "a"}\n"just the text"\n')
+    _raises(not_object, "line 2 is a JSON str, not an object")
+    null_text = tmp_path / "null.jsonl"
+    null_text.write_text('{"text": "a"}\n{"text": null}\n')
+    _raises(null_text, "line 2 has an empty or non-text 'text' value (None)")
     csv_file = tmp_path / "in.csv"
     csv_file.write_text("message\nhello\n")
-    with pytest.raises(DataError, match=r"in\.csv row 1 has no 'text' field"):
-        predict.read_inputs(csv_file)
+    _raises(csv_file, "row 1 has no 'text' field")
+    short_row = tmp_path / "short.csv"
+    short_row.write_text("id,text\n1,hello\n2\n")
+    _raises(short_row, "row 2 has an empty or non-text 'text' value")
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("text\nok\ncaf\xe9\n".encode("latin-1"))
+    _raises(latin1, "line 3 is not valid UTF-8", "save the file as UTF-8")
+    not_parquet = tmp_path / "in.parquet"
+    not_parquet.write_text("not parquet")
+    _raises(not_parquet, "is not a readable Parquet file")
+
+
+def test_input_files_in_every_format(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("\ufefftext,task\nhello,a\n\"two, lines\nhere\",\n".encode())
+    assert predict.read_inputs(bom, prompt_column="task", default_prompt="p") == [("a", "hello"), ("p", "two, lines\nhere")]
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("text\tx\nhi there\t1\n")
+    assert predict.read_inputs(tsv) == [("", "hi there")]
+    pq.write_table(pa.table({"text": ["a", "b"], "n": [1, 2]}), tmp_path / "in.parquet")
+    assert predict.read_inputs(tmp_path / "in.parquet", default_prompt="p") == [("p", "a"), ("p", "b")]
     plain = tmp_path / "in.txt"
     plain.write_text("first\n\nsecond\n")
     assert predict.read_inputs(plain, default_prompt="p") == [("p", "first"), ("p", "second")]
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text('{"text": 42}\n')
+    assert predict.read_inputs(numbers) == [("", "42")]
 
 
 def test_cli_reports_a_bad_input_file_before_loading_the_model(table: predict.PromptTable, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
