@@ -107,6 +107,14 @@ def test_run_publish_predict(tiny_dir: Path, tmp_path: Path, capsys: pytest.Capt
         assert r["label"] in labels and list(r["scores"]) == labels
         assert sum(r["scores"].values()) == pytest.approx(1.0, abs=1e-4)
 
+    # The published prompt, served by predict on the test split, scores what metrics.json says.
+    test = ds.read_split(run_dir / "data", "test")
+    table = predict.PromptTable(load_model(ModelConfig(name=str(tiny_dir), device="cpu")))
+    table.add("p", published)
+    preds = predict.predict_rows(table, [("p", t) for t in test.texts], batch_size=16)
+    served = sum(p.label == y for p, y in zip(preds, test.labels, strict=True)) / len(test)
+    assert served == pytest.approx(metrics["tuned"]["accuracy"])
+
 
 def test_validate_lists_every_problem_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
