@@ -46,10 +46,11 @@ def synthetic(tok: Any, n: int, seed: int = 0) -> Split:
     )
 
 
-def syn_cfg(**train_section: Any) -> JobConfig:
+def syn_cfg(prompt: dict[str, Any] | None = None, **train_section: Any) -> JobConfig:
+    """The synthetic task with small defaults; keyword arguments override the `train` section."""
     tr = {"steps": 6, "batch_size": 8, "lr": 0.1, "warmup_steps": 1, "eval_every": 2, "log_every": 1, "schedule": "cosine", **train_section}
-    prompt = {"num_virtual_tokens": 8, "init": "vocab", **tr.pop("prompt", {})}
-    return config_from_dict({"task": SYN_TASK, "data": {"train": "unused.csv"}, "prompt": prompt, "train": tr})
+    pr = {"num_virtual_tokens": 8, "init": "vocab", **(prompt or {})}
+    return config_from_dict({"task": SYN_TASK, "data": {"train": "unused.csv"}, "prompt": pr, "train": tr})
 
 
 def _full_loss(loaded: LoadedModel, cfg: JobConfig, embeds: torch.Tensor, data: Split) -> tuple[float, float]:
