@@ -116,6 +116,23 @@ def test_run_publish_predict(tiny_dir: Path, tmp_path: Path, capsys: pytest.Capt
     assert served == pytest.approx(metrics["tuned"]["accuracy"])
 
 
+@pytest.mark.slow
+def test_stage_commands_one_by_one(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "by-hand"
+    common = ["--no-progress", "--run-dir", str(run_dir), "-c", str(DEMO_CONFIG), *_overrides(tiny_dir, tmp_path), "train.steps=2"]
+    assert main(["ingest", *common]) == 0
+    assert main(["train", *common]) == 0
+    assert main(["evaluate", *common, "evaluate.baselines=[zero_shot]"]) == 0
+    out = capsys.readouterr().out
+    assert f"adapter: {run_dir / 'train' / 'adapter'}" in out and f"artifact: {run_dir / 'artifact'}" in out
+    assert _files(run_dir / "artifact") == ARTIFACT_FILES
+    metrics = json.loads((run_dir / "artifact" / "metrics.json").read_text())
+    assert "zero_shot" in metrics and "few_shot" not in metrics
+    # The report's curves come from the training history next to the adapter.
+    history = json.loads((run_dir / "train" / "train_history.json").read_text())
+    assert history[-1]["step"] == 2 and "train_loss" in history[-1]
+
+
 def test_validate_lists_every_problem_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
