@@ -643,6 +643,8 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return (type(None) in args), None
+        if type(value) in args:  # `str | int` keeps YAML's 1 as the index 1, "1" as a name
+            return True, value
         for arg in args:
             if arg is type(None):
                 continue
