@@ -224,7 +224,7 @@ def main() -> int:
     print(f"\n{'case':<26}{'dtype':<24}{'step ms':>9}{'real tok/s':>12}{'speedup':>9}{'peak RSS MiB':>14}{'peak GPU MiB':>14}")
     for r in results:
         speed = f"{r['real_tok_s'] / base['real_tok_s']:.2f}x" if base else "-"
-        print(f"{r['case']:<26}{r['dtype']:<24}{r['step_ms']:>9}{r['real_tok_s']:>12}{speed:>9}{r['peak_rss_mb']:>14}{str(r['peak_gpu_mb'] or '-'):>14}")
+        print(f"{r['case']:<26}{r['dtype']:<24}{r['step_ms']:>9}{r['real_tok_s']:>12}{speed:>9}{r['peak_rss_mb']:>14}{r['peak_gpu_mb'] or '-'!s:>14}")
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "results": results}, indent=1))
     return 0
