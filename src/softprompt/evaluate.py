@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,12 @@ from softprompt.scoring import (
     text_embeds,
     to_probs,
 )
-from softprompt.tasks import build_verbalizer
+from softprompt.tasks import Verbalizer, build_verbalizer
 
 log = logging.getLogger(__name__)
+
+ENSEMBLE_FILE = "ensemble.safetensors"
+"""Written when a prompt ensemble wins: every member's `[n, d]` prompt, keys `member_<i>`."""
 
 METHOD_NAMES = {"tuned": "tuned prompt", "ensemble": "prompt ensemble", "zero_shot": "zero-shot", "few_shot": "few-shot"}
 
@@ -104,7 +108,8 @@ def run(
         return score_split(model, shared_prefix(model, embeds), rows.input_ids, verbalizer, tok.pad_token_id, ev.batch_size, tick)
 
     scores: dict[str, np.ndarray] = {}
-    prompt_scores = [score(load_prompt_embeddings(d).to(loaded.device)) for d in adapter_dirs]
+    members = [load_prompt_embeddings(d).to(loaded.device) for d in adapter_dirs]
+    prompt_scores = [score(e) for e in members]
     scores["tuned"] = prompt_scores[0]
     if len(prompt_scores) > 1:
         scores["ensemble"] = np.mean([_log_normalize(s) for s in prompt_scores], axis=0)
@@ -127,9 +132,11 @@ def run(
         bar.close()
 
     results = {name: _metrics(s, rows, labels, ev.ece_bins) for name, s in scores.items()}
-    winner = "tuned"
-    if "ensemble" in results and getattr(results["ensemble"], ev.primary_metric) > getattr(results["tuned"], ev.primary_metric):
-        winner = "ensemble"
+    # The ensemble wins only if it beats the best single prompt on the eval split: choosing on the
+    # split we report would flatter it.
+    winner, selection = ("tuned", None)
+    if len(members) > 1:
+        winner, selection = _choose_on_eval(cfg, loaded, data_dir, members, verbalizer)
     verdict, beats, comparisons = _verdict(results, scores, rows, winner, ev.primary_metric)
     fingerprint = eval_fingerprint(rows, cfg.task.template, labels)
     metrics = {
@@ -141,6 +148,7 @@ def run(
         "verdict": verdict,
         "comparisons": comparisons,
         "few_shot_prefix": demo_text,
+        "ensemble_selection": selection,
         **{name: m.to_dict() for name, m in results.items()},
     }
     # The published prompt is the winner's score: an ensemble publishes its best member's adapter
@@ -150,12 +158,11 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         shutil.copyfile(Path(adapter_dirs[0]) / name, out / name)
-    if len(adapter_dirs) > 1:
-        members = out / "ensemble"
-        for i, d in enumerate(adapter_dirs):
-            (members / f"member-{i}").mkdir(parents=True, exist_ok=True)
-            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-                shutil.copyfile(Path(d) / name, members / f"member-{i}" / name)
+    if winner == "ensemble":
+        # One flat file (registry versions hold only regular files); `predict` averages the members.
+        from safetensors.torch import save_file
+
+        save_file({f"member_{i}": e.detach().float().cpu().contiguous() for i, e in enumerate(members)}, str(out / ENSEMBLE_FILE))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     manifest = run_manifest(
         cfg,
@@ -191,6 +198,23 @@ def eval_fingerprint(rows: ds.Split, template: str, labels: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def _choose_on_eval(
+    cfg: JobConfig, loaded: LoadedModel, data_dir: str | Path, members: list[torch.Tensor], verbalizer: Verbalizer
+) -> tuple[str, dict[str, Any]]:
+    rows = ds.read_split(data_dir, "eval")
+    limit = cfg.train.eval_max_rows
+    if limit is not None and len(rows) > limit:
+        rows = rows.subset(sorted(random.Random(cfg.train.seed).sample(range(len(rows)), limit)))
+    model, tok = loaded.model, loaded.tokenizer
+    each = [score_split(model, shared_prefix(model, e), rows.input_ids, verbalizer, tok.pad_token_id, cfg.evaluate.batch_size) for e in members]
+    labels = list(verbalizer.labels)
+    metric = cfg.evaluate.primary_metric
+    singles = [getattr(_metrics(s, rows, labels, cfg.evaluate.ece_bins), metric) for s in each]
+    ens = getattr(_metrics(np.mean([_log_normalize(s) for s in each], axis=0), rows, labels, cfg.evaluate.ece_bins), metric)
+    winner = "ensemble" if ens > singles[0] else "tuned"
+    return winner, {"split": "eval", "rows": len(rows), "metric": metric, "members": singles, "ensemble": ens, "winner": winner}
 
 
 def _log_normalize(scores: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,13 @@ class TunedPrompt:
     cfg: JobConfig
     verbalizer: Verbalizer | None
     source: str
+    members: list[torch.Tensor] = field(default_factory=list)
+    """A prompt ensemble's members (label log-probabilities are averaged); empty for one prompt."""
+
+    @property
+    def all_embeds(self) -> list[torch.Tensor]:
+        """Every prompt this entry runs: its ensemble members, or itself."""
+        return self.members or [self.embeds]
 
 
 @dataclass(frozen=True)
@@ -79,21 +86,26 @@ class PromptTable:
             raise ModelError(f"prompt {name!r} ({artifact}) has width {embeds.shape[1]}; the loaded base model has {width}")
         cfg = _artifact_config(folder)
         verbalizer = build_verbalizer(cfg.task, self.loaded.tokenizer) if cfg.task.kind == "classification" else None
-        prompt = TunedPrompt(name, embeds.to(self.loaded.device), cfg, verbalizer, str(artifact))
+        members = [m.to(self.loaded.device) for m in _ensemble_members(folder)]
+        prompt = TunedPrompt(name, embeds.to(self.loaded.device), cfg, verbalizer, str(artifact), members)
         self.prompts[name] = prompt
         return prompt
 
     def prefix_for(self, names: Sequence[str]) -> Prefix:
         """Per-row prompts gathered from the table: `[B, n_max, d]` plus a mask for shorter ones."""
-        rows = [self.prompts[n].embeds for n in names]
-        n_max = max(r.shape[0] for r in rows)
-        d = rows[0].shape[1]
-        embeds = torch.zeros(len(rows), n_max, d, dtype=rows[0].dtype, device=rows[0].device)
-        mask = torch.zeros(len(rows), n_max, dtype=torch.long, device=rows[0].device)
-        for i, r in enumerate(rows):
-            embeds[i, : r.shape[0]] = r
-            mask[i, : r.shape[0]] = 1
-        return Prefix(embeds=embeds, mask=mask)
+        return gather_prompts([self.prompts[n].embeds for n in names])
+
+
+def gather_prompts(rows: Sequence[torch.Tensor]) -> Prefix:
+    """Stack per-row prompts of any lengths, left-aligned, with a mask marking each row's real tokens."""
+    n_max = max(r.shape[0] for r in rows)
+    d = rows[0].shape[1]
+    embeds = torch.zeros(len(rows), n_max, d, dtype=rows[0].dtype, device=rows[0].device)
+    mask = torch.zeros(len(rows), n_max, dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        embeds[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = 1
+    return Prefix(embeds=embeds, mask=mask)
 
 
 def predict_rows(table: PromptTable, rows: Sequence[tuple[str, str]], batch_size: int = 32) -> list[Prediction]:
@@ -184,23 +196,27 @@ def _predict_batch(table: PromptTable, names: list[str], seqs: list[list[int]], 
     results: list[Prediction | None] = [None] * len(names)
     cls_rows = [i for i, p in enumerate(prompts) if p.verbalizer is not None and p.verbalizer.single_token]
     if cls_rows:
-        sub = [names[i] for i in cls_rows]
-        batch = make_batch([seqs[i] for i in cls_rows], tok.pad_token_id, table.loaded.device)
-        h = input_hidden(model, table.prefix_for(sub), batch)
-        last = h[torch.arange(len(cls_rows)), batch.lengths - 1]
+        # One virtual row per (row, prompt member): an ensemble's members ride in the same batch.
+        virtual = [(i, e) for i in cls_rows for e in prompts[i].all_embeds]
+        batch = make_batch([seqs[i] for i, _ in virtual], tok.pad_token_id, table.loaded.device)
+        h = input_hidden(model, gather_prompts([e for _, e in virtual]), batch)
+        last = h[torch.arange(len(virtual)), batch.lengths - 1]
         _, head = body_and_head(model)
         logp = F.log_softmax(head(last).float(), -1)
-        for j, i in enumerate(cls_rows):
+        per_row: dict[int, list[np.ndarray]] = {}
+        for j, (i, _) in enumerate(virtual):
             vb = prompts[i].verbalizer
             assert vb is not None
             s = torch.stack([torch.logsumexp(logp[j, [w[0] for w in ws]], -1) for ws in vb.words])
-            results[i] = _classified(prompts[i], texts[i], s.double().cpu().numpy())
+            per_row.setdefault(i, []).append(s.double().cpu().numpy())
+        for i, member_scores in per_row.items():
+            results[i] = _classified(prompts[i], texts[i], _mean_log_probs(member_scores))
     for i, p in enumerate(prompts):
         if results[i] is not None:
             continue
         if p.verbalizer is not None:  # multi-token label words: scored per row with teacher forcing
-            s = label_scores(model, Prefix(embeds=p.embeds), [seqs[i]], p.verbalizer, tok.pad_token_id)[0]
-            results[i] = _classified(p, texts[i], s.double().cpu().numpy())
+            member_scores = [label_scores(model, Prefix(embeds=e), [seqs[i]], p.verbalizer, tok.pad_token_id)[0].double().cpu().numpy() for e in p.all_embeds]
+            results[i] = _classified(p, texts[i], _mean_log_probs(member_scores))
         else:
             out = greedy_generate(model, p.embeds, [seqs[i]], max_new_tokens=p.cfg.task.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
             results[i] = Prediction(p.name, texts[i], generated=tok.decode(out[0], skip_special_tokens=True))
@@ -212,6 +228,27 @@ def _classified(p: TunedPrompt, text: str, scores: np.ndarray) -> Prediction:
     probs = to_probs(scores[None, :])[0]
     labels = list(p.verbalizer.labels)
     return Prediction(p.name, text, label=labels[int(probs.argmax())], scores={lab: round(float(v), 6) for lab, v in zip(labels, probs, strict=True)})
+
+
+def _mean_log_probs(member_scores: list[np.ndarray]) -> np.ndarray:
+    if len(member_scores) == 1:
+        return member_scores[0]
+    result: np.ndarray = np.mean([np.log(to_probs(s[None, :])[0] + 1e-12) for s in member_scores], axis=0)
+    return result
+
+
+def _ensemble_members(folder: Path) -> list[torch.Tensor]:
+    """The members of a published prompt ensemble, when the artifact's winner is the ensemble."""
+    path = folder / "ensemble.safetensors"
+    metrics_path = folder / "metrics.json"
+    if not path.is_file() or not metrics_path.is_file():
+        return []
+    if json.loads(metrics_path.read_text(encoding="utf-8")).get("winner") != "ensemble":
+        return []
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    return [tensors[f"member_{i}"] for i in range(len(tensors))]
 
 
 def _artifact_config(folder: Path) -> JobConfig:

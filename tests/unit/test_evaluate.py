@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from softprompt import dataset as ds
 from softprompt import evaluate, ingest, train
@@ -142,8 +143,50 @@ def test_an_ensemble_of_two_adapters_is_scored(tiny: LoadedModel, demo_cfg: Demo
     assert set(result.results) == {"tuned", "ensemble"}
     assert result.metrics["winner"] in ("tuned", "ensemble")
     assert result.metrics["tuned"]["method"] == result.metrics["winner"]
-    for i, member in enumerate((a, b)):
-        folder = result.artifact_dir / "ensemble" / f"member-{i}"
-        assert (folder / "adapter_model.safetensors").read_bytes() == (member / "adapter_model.safetensors").read_bytes()
-    # The published adapter is the first (single best) prompt.
+    selection = result.metrics["ensemble_selection"]
+    # The winner is chosen on the eval split, not on the split the report shows.
+    assert selection["split"] == "eval" and selection["winner"] == result.metrics["winner"]
+    assert (selection["ensemble"] > selection["members"][0]) == (result.metrics["winner"] == "ensemble")
+    # The published adapter is the first (single best) prompt; an ensemble winner ships every
+    # member in one flat file (registry versions hold regular files only).
     assert (result.artifact_dir / "adapter_model.safetensors").read_bytes() == (a / "adapter_model.safetensors").read_bytes()
+    ensemble_file = result.artifact_dir / "ensemble.safetensors"
+    assert ensemble_file.is_file() == (result.metrics["winner"] == "ensemble")
+    if ensemble_file.is_file():
+        from safetensors.torch import load_file
+
+        members = load_file(str(ensemble_file))
+        for i, member in enumerate((a, b)):
+            assert torch.equal(members[f"member_{i}"], load_file(str(member / "adapter_model.safetensors"))["prompt_embeddings"])
+
+
+def test_predict_serves_a_winning_ensemble_as_the_mean_of_its_members(
+    tiny: LoadedModel, demo_cfg: DemoCfg, demo_data: Path, tmp_path: Path
+) -> None:
+    from softprompt import predict
+    from softprompt.prompts import load_prompt_embeddings
+    from softprompt.scoring import score_split, shared_prefix, to_probs
+    from softprompt.tasks import build_verbalizer
+
+    cfg = demo_cfg("train.steps=2", "train.eval_every=0", "evaluate.baselines=[]")
+    a = _adapter(cfg, tiny, demo_data, tmp_path / "a")
+    b = _adapter(cfg, tiny, demo_data, tmp_path / "b", seed=1)
+    result = evaluate.run(cfg, tiny, demo_data, [a, b], tmp_path / "artifact")
+    # Force the ensemble path whatever the tiny model scored, to test serving it.
+    metrics = json.loads((result.artifact_dir / "metrics.json").read_text())
+    metrics["winner"] = "ensemble"
+    (result.artifact_dir / "metrics.json").write_text(json.dumps(metrics))
+    if not (result.artifact_dir / "ensemble.safetensors").is_file():
+        from safetensors.torch import save_file
+
+        save_file({f"member_{i}": load_prompt_embeddings(m) for i, m in enumerate((a, b))}, str(result.artifact_dir / "ensemble.safetensors"))
+    table = predict.PromptTable(tiny)
+    table.add("ens", result.artifact_dir)
+    texts = ["my card was charged twice", "where is my parcel"]
+    preds = predict.predict_rows(table, [("ens", t) for t in texts])
+    vb = build_verbalizer(cfg.task, tiny.tokenizer)
+    seqs = [predict.encode_input(tiny.tokenizer, cfg.task.template, t) for t in texts]
+    each = [np.log(to_probs(score_split(tiny.model, shared_prefix(tiny.model, load_prompt_embeddings(m)), seqs, vb, tiny.tokenizer.pad_token_id))) for m in (a, b)]
+    expected = to_probs(np.mean(each, axis=0))
+    for pred, row in zip(preds, expected, strict=True):
+        assert [pred.scores[label] for label in vb.labels] == pytest.approx(row.tolist(), abs=1e-5)
