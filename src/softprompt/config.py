@@ -176,7 +176,8 @@ class EvaluateConfig:
     few_shot_k: int = 0
     """Demonstrations for the few-shot baseline; 0 picks one per label (at least 4)."""
     calibrate: bool = True
-    """Contextual calibration (Zhao et al. 2021) for the few-shot baseline."""
+    """Contextual calibration (Zhao et al. 2021) for the few-shot baseline (classification only;
+    generation tasks ignore it)."""
     calibrate_zero_shot: bool = False
     """Also calibrate the zero-shot baseline."""
     batch_size: int = 32
@@ -463,8 +464,6 @@ def validate(cfg: JobConfig) -> list[str]:
         problems.append("train.early_stopping_patience needs periodic evaluation: set train.eval_every > 0")
     if ev.batch_size < 1 or ev.ece_bins < 1 or ev.few_shot_k < 0:
         problems.append("evaluate.batch_size and evaluate.ece_bins must be >= 1 and evaluate.few_shot_k >= 0")
-    if t.kind == "generation" and ev.baselines and "few_shot" in ev.baselines and ev.calibrate:
-        problems.append("evaluate.calibrate applies to classification only; set it to false for generation")
     problems.extend(_ray_problems(cfg.ray))
     problems.extend(_tune_problems(cfg))
     return problems

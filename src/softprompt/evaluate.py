@@ -21,7 +21,6 @@ import torch
 
 from softprompt import dataset as ds
 from softprompt.config import JobConfig
-from softprompt.errors import DataError
 from softprompt.manifest import run_manifest
 from softprompt.metrics import ClassificationMetrics, bootstrap_ci, classification_metrics, mcnemar_p
 from softprompt.modeling import LoadedModel
@@ -60,6 +59,13 @@ class EvaluateResult:
 
     def table(self) -> str:
         """A plain-text results table (one row per method)."""
+        if self.metrics.get("task_kind") == "generation":
+            lines = [f"{'method':<16}{'exact match':>12}{'target loss':>12}", "-" * 40]
+            for name in ("tuned", "zero_shot", "few_shot"):
+                if name in self.metrics:
+                    m = self.metrics[name]
+                    lines.append(f"{METHOD_NAMES[name]:<16}{m['exact_match'] * 100:>11.1f}%{m['loss']:>12.4f}")
+            return "\n".join(lines)
         lines = [f"{'method':<16}{'accuracy':>10}{'macro-F1':>10}{'ECE':>8}", "-" * 44]
         for name, m in self.results.items():
             ece = f"{m.ece:.3f}" if m.ece is not None else "-"
@@ -91,13 +97,13 @@ def run(
         train_summary: Training facts for the manifest (steps, throughput, peak memory).
         progress: Show progress bars.
     """
-    if cfg.task.kind != "classification":
-        raise DataError("evaluate: generation tasks are evaluated by `softprompt predict`; task.kind=classification only here")
     ev = cfg.evaluate
     split_name = ev.split if (ev.split == "eval" or ds.has_split(data_dir, "test")) else "eval"
     rows = ds.read_split(data_dir, split_name)
     train_rows = ds.read_split(data_dir, "train")
     dataset_manifest = ds.read_manifest(data_dir)
+    if cfg.task.kind == "generation":
+        return _run_generation(cfg, loaded, rows, train_rows, adapter_dirs[0], Path(artifact_dir), split_name, dataset_manifest, train_summary)
     model, tok = loaded.model, loaded.tokenizer
     verbalizer = build_verbalizer(cfg.task, tok)
     labels = list(verbalizer.labels)
@@ -164,12 +170,7 @@ def run(
 
         save_file({f"member_{i}": e.detach().float().cpu().contiguous() for i, e in enumerate(members)}, str(out / ENSEMBLE_FILE))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    manifest = run_manifest(
-        cfg,
-        dataset={"fingerprint": dataset_manifest.get("fingerprint"), "counts": dataset_manifest.get("counts"), "sources": dataset_manifest.get("sources")},
-        base_model=loaded.identity,
-        train=train_summary,
-    )
+    manifest = _manifest(cfg, loaded, dataset_manifest, train_summary)
     (out / "run_manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     write_report(
         ReportInputs(
@@ -198,6 +199,36 @@ def eval_fingerprint(rows: ds.Split, template: str, labels: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def _run_generation(
+    cfg: JobConfig,
+    loaded: LoadedModel,
+    rows: ds.Split,
+    train_rows: ds.Split,
+    adapter_dir: Path,
+    out: Path,
+    split_name: str,
+    dataset_manifest: dict[str, Any],
+    train_summary: dict[str, Any] | None,
+) -> EvaluateResult:
+    from softprompt.evaluate_generation import evaluate_generation
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(cfg, loaded, dataset_manifest, train_summary)
+    (out / "run_manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    fingerprint = eval_fingerprint(rows, cfg.task.template, [])
+    metrics = evaluate_generation(cfg, loaded, rows, train_rows, adapter_dir, out, split_name, fingerprint, manifest)
+    return EvaluateResult(out, {}, "accuracy", split_name, metrics["beats_baselines"], metrics["verdict"], metrics)
+
+
+def _manifest(cfg: JobConfig, loaded: LoadedModel, dataset_manifest: dict[str, Any], train_summary: dict[str, Any] | None) -> dict[str, Any]:
+    return run_manifest(
+        cfg,
+        dataset={"fingerprint": dataset_manifest.get("fingerprint"), "counts": dataset_manifest.get("counts"), "sources": dataset_manifest.get("sources")},
+        base_model=loaded.identity,
+        train=train_summary,
+    )
 
 
 def _choose_on_eval(

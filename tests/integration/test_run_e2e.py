@@ -215,8 +215,15 @@ def test_generation_task_trains_and_predicts(tiny_dir: Path, tmp_path: Path) -> 
     assert all(isinstance(p.generated, str) and p.label is None for p in preds)
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate/publish support classification only: `softprompt run` stops at evaluate for generation tasks")
 def test_run_chains_a_generation_task(tiny_dir: Path, tmp_path: Path) -> None:
     work = tmp_path / "runs"
-    overrides = [*_overrides(tiny_dir, work), f"data.train={_generation_data(tmp_path / 'swap.csv')}", *GENERATION, "train.steps=2", "train.eval_every=0"]
+    overrides = [*_overrides(tiny_dir, work), f"data.train={_generation_data(tmp_path / 'swap.csv')}", "data.test=null", *GENERATION, "train.steps=2", "train.eval_every=0"]
     assert main(["run", "--no-progress", "-c", str(DEMO_CONFIG), *overrides]) == 0
+    artifact = next(work.glob("*/artifact"))
+    assert {p.name for p in artifact.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "run_manifest.json", "report.html"}
+    metrics = json.loads((artifact / "metrics.json").read_text())
+    assert metrics["task_kind"] == "generation" and set(metrics) >= {"tuned", "zero_shot", "few_shot"}
+    assert 0.0 <= metrics["tuned"]["exact_match"] <= 1.0 and metrics["tuned"]["loss"] > 0
+    assert len(metrics["samples"]) > 0 and "generated" in metrics["samples"][0]
+    versions = [p for p in (work / "registry").rglob("MANIFEST.json")]
+    assert len(versions) == 1
