@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     from softprompt import registry_cli
+    from softprompt.kubeflow import cli as kubeflow_cli
 
     registry_cli.add_commands(sub)
+    kubeflow_cli.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,353 @@
+"""Launching Ray from the tune step: the KubeRay RayJob against a fake Kubernetes API, the Jobs API
+path against a fake JobSubmissionClient, and the scratch-store hand-over of the tune step.
+
+The fake Kubernetes API is an HTTP server on 127.0.0.1 that records the requests of the real
+kubernetes client (configured with Configuration(host=...)) and answers the custom-object and pod
+calls like an API server: create -> 201, create again -> 409 AlreadyExists, get -> the scripted
+status transitions, the submitter pod list and its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import yaml
+
+from softprompt.config import load_config
+from softprompt.kubeflow import rayjob, steps
+from softprompt.kubeflow.rayjob import (
+    RayLaunchError,
+    WorkerResources,
+    build_rayjob,
+    job_name,
+    run_ray_job,
+    run_rayjob,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+NS = "softprompt-dev"
+RAYJOBS = f"/apis/ray.io/v1/namespaces/{NS}/rayjobs"
+
+
+@dataclass
+class FakeKube:
+    """Stored RayJobs, the statuses successive GETs return, and what the submitter pod logged."""
+
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+    objects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: list[tuple[str, str, dict[str, str], Any]] = field(default_factory=list)
+    log: str = "driver: tuning...\ndriver: best trial accuracy=0.91\n"
+    on_status: Callable[[dict[str, Any]], None] | None = None
+    create_status: int | None = None
+
+    def handle(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any, str]:
+        if method == "POST" and path == RAYJOBS:
+            if self.create_status:
+                return self.create_status, _status_obj(self.create_status, "Forbidden"), "application/json"
+            name = body["metadata"]["name"]
+            if name in self.objects:
+                return 409, _status_obj(409, "AlreadyExists", f'rayjobs.ray.io "{name}" already exists'), "application/json"
+            self.objects[name] = body
+            return 201, body, "application/json"
+        if method == "GET" and path.startswith(RAYJOBS + "/"):
+            name = path.rsplit("/", 1)[-1]
+            status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+            if self.on_status:
+                self.on_status(status)
+            return 200, {**self.objects[name], "status": status}, "application/json"
+        if method == "GET" and path == f"/api/v1/namespaces/{NS}/pods":
+            name = query["labelSelector"].removeprefix("job-name=")
+            pods = [{"metadata": {"name": f"{name}-x7k2p", "namespace": NS}}] if name in self.objects else []
+            return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": pods}, "application/json"
+        if method == "GET" and path.startswith(f"/api/v1/namespaces/{NS}/pods/") and path.endswith("/log"):
+            return 200, self.log, "text/plain"
+        return 404, _status_obj(404, "NotFound"), "application/json"
+
+
+def _status_obj(code: int, reason: str, message: str = "") -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message}
+
+
+@pytest.fixture()
+def kube() -> Iterator[tuple[Any, FakeKube]]:
+    """A kubernetes ApiClient pointed at a fake API server on 127.0.0.1."""
+    from kubernetes import client
+
+    fake = FakeKube()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            url = urlparse(self.path)
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.loads(raw) if raw else None
+            query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            fake.requests.append((self.command, url.path, query, body))
+            status, payload, kind = fake.handle(self.command, url.path, query, body)
+            data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _serve
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{server.server_address[1]}"))
+    try:
+        yield api, fake
+    finally:
+        api.close()
+        server.shutdown()
+        server.server_close()
+
+
+RUNNING = {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running", "rayClusterName": "softprompt-tune-abc-raycluster-x1"}
+SUCCEEDED = {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}
+
+
+def test_job_name_is_deterministic_and_a_dns_label() -> None:
+    name = job_name("0b6a2bc4-1c0e-4a57-9d0c-8f7f2f1b5e21")
+    assert name == job_name("0b6a2bc4-1c0e-4a57-9d0c-8f7f2f1b5e21") != job_name("another run")
+    assert name.startswith("softprompt-tune-") and len(name) <= 30 and name.replace("-", "").isalnum() and name.islower()
+
+
+def test_rayjob_spec_matches_the_infra_manifest() -> None:
+    manifest = yaml.safe_load((REPO / "infra/kuberay/rayjob.yaml").read_text())
+    body = build_rayjob("softprompt-tune", manifest["spec"]["entrypoint"], run_id="run-1",
+                        resources=WorkerResources(num_workers=4, gpus=1, cpus=8, memory="48Gi"))
+    assert body["apiVersion"] == manifest["apiVersion"] == "ray.io/v1" and body["kind"] == "RayJob"
+    assert body["spec"] == manifest["spec"]  # same cluster, same lifecycle settings
+    assert manifest["metadata"]["labels"].items() <= body["metadata"]["labels"].items()
+    assert body["metadata"]["labels"]["softprompt.io/pipeline-run-id"] == "run-1"
+
+
+def test_rayjob_resources_deadline_and_ttl_follow_the_parameters() -> None:
+    body = build_rayjob("n", "python -m x", resources=WorkerResources(num_workers=2, gpus=0.5, cpus=4.5, memory="16Gi"),
+                        active_deadline_seconds=3600, ttl_seconds_after_finished=120)
+    spec = body["spec"]
+    assert (spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"], spec["shutdownAfterJobFinishes"]) == (3600, 120, True)
+    group = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (0, 0, 2)
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"cpu": "4500m", "memory": "16Gi", "nvidia.com/gpu": 1}
+    cpu_only = build_rayjob("n", "x", resources=WorkerResources(gpus=0))["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert "nvidia.com/gpu" not in cpu_only["template"]["spec"]["containers"][0]["resources"]["limits"]
+    with pytest.raises(RayLaunchError, match="num_workers >= 1"):
+        build_rayjob("n", "x", resources=WorkerResources(num_workers=0))
+
+
+def test_creates_watches_until_succeeded_and_prints_the_submitter_log(kube: tuple[Any, FakeKube]) -> None:
+    api, fake = kube
+    fake.statuses = [{}, RUNNING, RUNNING, SUCCEEDED]
+    lines: list[str] = []
+    body = build_rayjob(job_name("run-a"), "python -m softprompt.kubeflow.steps tune-remote --scratch s3://b/tmp/x", run_id="run-a")
+    result = run_rayjob(body, NS, api_client=api, poll_seconds=0, echo=lines.append)
+    assert (result.job_status, result.deployment_status, result.attached) == ("SUCCEEDED", "Complete", False)
+    assert result.logs == fake.log
+    method, path, _, sent = fake.requests[0]
+    assert (method, path) == ("POST", RAYJOBS) and sent == body
+    gets = [r for r in fake.requests if r[0] == "GET" and r[1].startswith(RAYJOBS)]
+    assert len(gets) == 4 and all(r[1] == f"{RAYJOBS}/{body['metadata']['name']}" for r in gets)
+    pods = [r for r in fake.requests if r[1] == f"/api/v1/namespaces/{NS}/pods"]
+    assert pods[0][2]["labelSelector"] == f"job-name={body['metadata']['name']}"
+    text = "\n".join(lines)
+    assert "jobStatus=RUNNING" in text and "jobStatus=SUCCEEDED" in text and "best trial accuracy=0.91" in text
+    assert text.count("jobStatus=RUNNING") == 1  # transitions, not every poll
+
+
+def test_a_retried_step_reattaches_on_409(kube: tuple[Any, FakeKube]) -> None:
+    api, fake = kube
+    body = build_rayjob(job_name("run-b"), "python -m x", run_id="run-b")
+    fake.objects[body["metadata"]["name"]] = body  # the first attempt created it
+    fake.statuses = [RUNNING, SUCCEEDED]
+    lines: list[str] = []
+    result = run_rayjob(body, NS, api_client=api, poll_seconds=0, echo=lines.append)
+    assert result.attached and result.job_status == "SUCCEEDED"
+    assert [r[0] for r in fake.requests[:2]] == ["POST", "GET"] and len(fake.objects) == 1
+    assert "already exists (this step is a retry): re-attaching" in lines[0]
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    ({"jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "reason": "AppFailed", "message": "exit 1"}, "jobStatus=FAILED"),
+    ({"jobStatus": "STOPPED", "jobDeploymentStatus": "Complete"}, "jobStatus=STOPPED"),
+    # The deadline fails the deployment while the job itself still reads RUNNING.
+    ({"jobStatus": "RUNNING", "jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, "reason=DeadlineExceeded"),
+])
+def test_success_is_read_from_the_job_status(kube: tuple[Any, FakeKube], status: dict[str, Any], expected: str) -> None:
+    api, fake = kube
+    fake.statuses = [RUNNING, status]
+    lines: list[str] = []
+    with pytest.raises(RayLaunchError, match=expected) as info:
+        run_rayjob(build_rayjob("softprompt-tune-failed", "x"), NS, api_client=api, poll_seconds=0, echo=lines.append)
+    assert "kubectl -n softprompt-dev delete rayjob softprompt-tune-failed" in str(info.value)
+    assert any("best trial accuracy" in line for line in lines)  # the log is surfaced on failure too
+
+
+def test_create_errors_and_timeouts_are_explained(kube: tuple[Any, FakeKube]) -> None:
+    api, fake = kube
+    fake.create_status = 403
+    with pytest.raises(RayLaunchError, match=r"HTTP 403.*bound to infra/rbac's Role"):
+        run_rayjob(build_rayjob("a", "x"), NS, api_client=api, poll_seconds=0, echo=lambda _: None)
+    fake.create_status = None
+    fake.statuses = [RUNNING]
+    with pytest.raises(RayLaunchError, match="still RUNNING after 0s"):
+        run_rayjob(build_rayjob("b", "x"), NS, api_client=api, poll_seconds=0, timeout_seconds=0, echo=lambda _: None)
+
+
+def _tiny_config(tmp_path: Path, registry: str) -> Path:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "task": {"name": "demo", "labels": ["a", "b"], "verbalizer": {"a": [" a"], "b": [" b"]}},
+        "data": {"train": str(tmp_path / "train.csv")}, "publish": {"store": registry},
+    }))
+    (tmp_path / "train.csv").write_text("text,label\nx,a\ny,b\n")
+    return cfg
+
+
+def test_tune_step_hands_over_through_the_scratch_store(kube: tuple[Any, FakeKube], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """launcher=rayjob: config and data go to the scratch store, the RayJob runs tune-remote on
+    them, and the winner it leaves in <scratch>/train becomes the step's adapter output."""
+    api, fake = kube
+    monkeypatch.setattr(rayjob, "_kube_api_client", lambda: api)
+    monkeypatch.setattr(rayjob, "POLL_SECONDS", 0.0)
+    config = _tiny_config(tmp_path, str(tmp_path / "registry"))
+    dataset = tmp_path / "dataset"
+    (dataset / "train.parquet").parent.mkdir()
+    (dataset / "train.parquet").write_bytes(b"PAR1")
+    scratch = tmp_path / "scratch"
+
+    def remote_finishes(status: dict[str, Any]) -> None:  # what the driver on the Ray head leaves behind
+        if status.get("jobStatus") == "SUCCEEDED":
+            winners = scratch / "winners"
+            (winners / "00" / "adapter").mkdir(parents=True, exist_ok=True)
+            (winners / "00" / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+            (winners / "00" / "train_history.json").write_text(json.dumps([{"step": 10, "eval_metric": 0.75}]))
+            (winners / "ranking.json").write_text(json.dumps({"command": "tune", "adapters": ["00"], "tune": {
+                "best": {"trial_id": "t1", "params": {"train.lr": 0.1}}}}))
+
+    fake.statuses, fake.on_status = [RUNNING, SUCCEEDED], remote_finishes
+    out = tmp_path / "adapter_out"
+    meta = steps.tune(config, dataset, out, launcher="rayjob", run_id="run-42", ray_namespace=NS, scratch_uri=str(scratch),
+                      num_workers=2, gpus_per_worker=1, cpus_per_worker=3, memory_per_worker="24Gi", max_hours=2)
+    assert (out / "00" / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert steps.ranked_adapters(out) == [out / "00" / "adapter"]
+    assert meta == {"launcher": "rayjob", "ray_job": job_name("run-42"), "ray_job_status": "SUCCEEDED", "scratch": str(scratch),
+                    "command": "tune", "adapters": 1, "best_trial": "t1", "best_params": {"train.lr": 0.1},
+                    "best_eval_metric": 0.75, "best_step": 10}
+    assert (scratch / "data" / "train.parquet").read_bytes() == b"PAR1"
+    sent = load_config(scratch / "config" / "tune.yaml").ray  # the step's resource parameters, baked in
+    assert (sent.num_workers, sent.use_gpu, sent.gpus_per_worker, sent.cpus_per_worker) == (2, True, 1.0, 3.0)
+    body = fake.objects[job_name("run-42")]
+    assert body["spec"]["entrypoint"] == f"python -m softprompt.kubeflow.steps tune-remote --scratch {scratch}"
+    assert body["spec"]["activeDeadlineSeconds"] == 7200
+    group = body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert group["maxReplicas"] == 2
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": 1}
+
+
+def test_tune_remote_pulls_tunes_and_pushes_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver side: config and data from the scratch store, `softprompt tune --ray-address
+    auto` (or train), the ranked winners back without their checkpoints."""
+    scratch = tmp_path / "scratch"
+    config = _tiny_config(tmp_path, str(tmp_path / "registry"))
+    steps.push_file(steps.write_config(load_config(config), tmp_path / "tune.yaml"), str(scratch / "config"), None)
+    (scratch / "data").mkdir()
+    (scratch / "data" / "train.parquet").write_bytes(b"PAR1")
+    commands: list[list[str]] = []
+
+    def fake_cli(args: list[str], *, capture: bool = False) -> str:
+        """Leave what `softprompt tune` (two ranked trials) or `softprompt train` leaves."""
+        commands.append(list(args))
+        run_dir = Path(args[args.index("--run-dir") + 1])
+        assert (run_dir / "data" / "train.parquet").read_bytes() == b"PAR1"
+        trials = [run_dir / "tune" / "t2", run_dir / "tune" / "t1"] if args[0] == "tune" else [run_dir / "train"]
+        for trial in trials:
+            for rel in ("adapter/adapter_config.json", "checkpoint/state.safetensors", "train_history.json"):
+                (trial / rel).parent.mkdir(parents=True, exist_ok=True)
+                (trial / rel).write_text(json.dumps({"trial": trial.name}))
+        if args[0] == "tune":
+            (run_dir / "tune" / "tune_result.json").write_text(json.dumps({
+                "ensemble": [str(t / "adapter") for t in trials], "best": {"trial_id": "t2", "params": {}}, "trials": []}))
+        return ""
+
+    monkeypatch.setattr(steps, "run_cli", fake_cli)
+    assert steps.main(["tune-remote", "--scratch", str(scratch)]) == 0
+    assert commands[0][0] in ("tune", "train") and commands[0][1] == "-c"
+    assert commands[0][2].endswith("tune.yaml")
+    if commands[0][0] == "tune":
+        assert commands[0][-2:] == ["--ray-address", "auto"]
+    winners = scratch / "winners"
+    names = ["00", "01"] if commands[0][0] == "tune" else ["00"]
+    assert sorted(p.relative_to(winners).as_posix() for p in winners.rglob("*") if p.is_file()) == sorted(
+        [*(f"{n}/{f}" for n in names for f in ("adapter/adapter_config.json", "train_history.json")), "ranking.json"])
+    if commands[0][0] == "tune":  # best first, as tune ranked them
+        assert json.loads((winners / "00" / "adapter" / "adapter_config.json").read_text()) == {"trial": "t2"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Jobs API (an existing Ray cluster)
+
+
+@dataclass
+class FakeJobs:
+    """Duck-typed ray.job_submission.JobSubmissionClient."""
+
+    existing: dict[str, str] = field(default_factory=dict)
+    final: str = "SUCCEEDED"
+    submitted: list[dict[str, Any]] = field(default_factory=list)
+
+    def list_jobs(self) -> list[Any]:
+        return [type("Job", (), {"submission_id": sid, "status": status}) for sid, status in self.existing.items()]
+
+    def submit_job(self, **kwargs: Any) -> str:
+        self.submitted.append(kwargs)
+        self.existing[kwargs["submission_id"]] = "PENDING"
+        return str(kwargs["submission_id"])
+
+    async def tail_job_logs(self, sid: str) -> AsyncIterator[str]:
+        for line in (f"{sid}: starting\n", f"{sid}: best trial accuracy=0.9\n"):
+            await asyncio.sleep(0)
+            yield line
+        self.existing[sid] = self.final
+
+    def get_job_status(self, sid: str) -> str:
+        return self.existing[sid]
+
+    def get_job_info(self, sid: str) -> Any:
+        return type("Info", (), {"message": "driver exited with 1" if self.final != "SUCCEEDED" else ""})
+
+
+def test_jobs_api_submits_follows_and_reads_the_final_status(capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = FakeJobs()
+    result = run_ray_job("http://head:8265", "python -m softprompt.kubeflow.steps tune-remote --scratch s3://b/t", "softprompt-tune-1",
+                         client=jobs, echo=print)
+    assert (result.name, result.job_status, result.attached) == ("softprompt-tune-1", "SUCCEEDED", False)
+    assert jobs.submitted[0]["entrypoint"].startswith("python -m softprompt.kubeflow.steps tune-remote")
+    assert jobs.submitted[0]["submission_id"] == "softprompt-tune-1"
+    assert "best trial accuracy=0.9" in capsys.readouterr().out
+
+
+def test_jobs_api_reattaches_to_a_running_job_and_retries_a_failed_one() -> None:
+    running = FakeJobs(existing={"softprompt-tune-1": "RUNNING"})
+    assert run_ray_job("http://head:8265", "x", "softprompt-tune-1", client=running, echo=lambda _: None).attached
+    assert running.submitted == []
+    failed_before = FakeJobs(existing={"softprompt-tune-1": "FAILED"})
+    result = run_ray_job("http://head:8265", "x", "softprompt-tune-1", client=failed_before, echo=lambda _: None)
+    assert result.name == "softprompt-tune-1-r2" and not result.attached
+    failing = FakeJobs(final="FAILED")
+    with pytest.raises(RayLaunchError, match="ended FAILED"):
+        run_ray_job("http://head:8265", "x", "softprompt-tune-1", client=failing, echo=lambda _: None)
