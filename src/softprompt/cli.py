@@ -1,6 +1,9 @@
 """The `softprompt` command line: one subcommand per stage, plus `run` that chains them.
 
     softprompt run -c configs/demo.yaml                 # ingest -> train -> evaluate -> publish
+    softprompt run -c configs/demo.yaml tune.num_samples=8   # ingest -> tune (Ray) -> evaluate -> publish
+    softprompt tune -c configs/sst2.yaml --data runs/sst2/data --ray-address auto
+    softprompt run -c configs/sst2.yaml tune.num_samples=16 --submit http://HEAD:8265
     softprompt ingest -c configs/sst2.yaml data.max_train_rows=2000
     softprompt train -c configs/sst2.yaml --data runs/sst2/data
     softprompt predict --artifact runs/registry/sst2/... --input reviews.jsonl
@@ -72,8 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared data folder (default <run-dir>/data)")
     p.add_argument("--adapter", action="append", help="tuned prompt folder(s) (default <run-dir>/train/adapter)")
     p.set_defaults(func=cmd_evaluate)
-    p = stage("run", "ingest -> train -> evaluate -> publish, from one config")
+    p = stage("tune", "search hyperparameters with Ray Tune, each trial a Ray Train run (tune.num_samples trials)")
+    p.add_argument("--data", help="prepared data folder or s3:// prefix (default <run-dir>/data)")
+    _ray_flags(p)
+    p.set_defaults(func=cmd_tune)
+    p = stage("run", "ingest -> train (or tune, through Ray) -> evaluate -> publish, from one config")
     p.add_argument("--no-publish", action="store_true", help="stop after evaluate")
+    _ray_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("predict", help="batch inference with one or more published prompts")
@@ -96,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def _ray_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-address", metavar="auto|HOST:PORT", help="join this Ray cluster (default: ray.address, else start a local Ray)")
+    p.add_argument("--submit", metavar="http://HEAD:8265", help="run this command as a Ray Job on that cluster and follow its logs")
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
@@ -170,6 +183,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """`softprompt tune`: a Ray Tune sweep over ingested data."""
+    cfg = _config(args)
+    if args.submit:
+        from softprompt import jobs
+
+        return jobs.submit(cfg, "tune", args.submit, run_dir=args.run_dir, extra_args=["--data", args.data] if args.data else None)
+    from softprompt import jobs, tune
+
+    run_dir = _run_dir(cfg, args)
+    print(f"run folder: {run_dir}")
+    print(jobs.init_ray(cfg.ray, args.ray_address))
+    result = tune.run(cfg, args.data or str(run_dir / "data"), run_dir, progress=not args.no_progress)
+    print(result.table())
+    print(f"best trial {result.best.trial_id}: {result.metric} {result.best.best_metric:.4f} with {result.best.params}")
+    print("adapters (best first): " + ", ".join(str(d) for d in result.adapter_dirs))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """`softprompt run`: the whole job from one config."""
     from softprompt import dataset as ds
@@ -177,6 +209,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from softprompt.modeling import load_model
 
     cfg = _config(args)
+    if args.submit:
+        from softprompt import jobs
+
+        return jobs.submit(cfg, "run", args.submit, run_dir=args.run_dir, extra_args=["--no-publish"] if args.no_publish else None)
+    if cfg.tune.num_samples >= 1 or args.ray_address or cfg.ray.address:
+        return _run_on_ray(cfg, args)
     run_dir = _run_dir(cfg, args)
     progress = not args.no_progress
     print(f"run folder: {run_dir}")
@@ -197,6 +235,50 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print(f"[4/4] publish to {cfg.publish.store}")
     pub = publish.run(cfg, ev.artifact_dir)
+    print(pub.message)
+    print(f"published: {pub.uri}")
+    return 0
+
+
+def _run_on_ray(cfg: JobConfig, args: argparse.Namespace) -> int:
+    """`softprompt run` through Ray: ingest -> tune (or one Ray Train run) -> evaluate -> publish."""
+    from softprompt import distributed, evaluate, ingest, jobs, publish
+    from softprompt.modeling import load_model
+
+    run_dir = _run_dir(cfg, args)
+    progress = not args.no_progress
+    print(f"run folder: {run_dir}")
+    print("[1/4] ingest")
+    data = ingest.run(cfg, run_dir / "data", progress=progress)
+    print(data.summary())
+    print(jobs.init_ray(cfg.ray, args.ray_address))
+    loaded = load_model(cfg.model)
+    if cfg.tune.num_samples >= 1:
+        from softprompt import tune
+
+        print(f"[2/4] tune ({cfg.tune.num_samples} trials, {cfg.ray.num_workers} Ray Train workers each) on {cfg.model.name}")
+        tr = tune.run(cfg, run_dir / "data", run_dir, loaded=loaded, progress=progress)
+        print(tr.table())
+        eval_cfg, adapters, history, summary = tr.best_config, tr.adapter_dirs, tr.history, {"tune": tr.summary()}
+    else:
+        print(f"[2/4] train through Ray Train ({cfg.ray.num_workers} workers, {cfg.train.steps} steps) on {cfg.model.name}")
+        fit = distributed.fit(cfg, run_dir / "data", run_dir)
+        if fit.checkpoint_uri is None:
+            raise SoftpromptError(f"the Ray Train run {fit.name} reported no checkpoint; is there an eval split in {run_dir / 'data'}?")
+        adapter = distributed.export_adapter(cfg, loaded, fit.checkpoint_uri, run_dir / "train")
+        eval_cfg, adapters, summary = cfg, [adapter], fit.summary()
+        history = _read_history(adapter.parent / "train_history.json")
+        print(f"trained {summary['steps']} steps on {summary['workers']} workers ({summary['tokens_per_second']:.0f} tokens/s), best eval {fit.best_metric}")
+    what = f"the winner (and the top-{len(adapters)} ensemble)" if len(adapters) > 1 else "the tuned prompt"
+    print(f"[3/4] evaluate {what} vs zero-shot and few-shot baselines")
+    ev = evaluate.run(eval_cfg, loaded, run_dir / "data", adapters, run_dir / "artifact", history=history, train_summary=summary, progress=progress)
+    print(ev.table())
+    print(ev.verdict)
+    print(f"report: {ev.artifact_dir / 'report.html'}")
+    if args.no_publish:
+        return 0
+    print(f"[4/4] publish to {cfg.publish.store}")
+    pub = publish.run(eval_cfg, ev.artifact_dir)
     print(pub.message)
     print(f"published: {pub.uri}")
     return 0

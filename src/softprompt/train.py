@@ -60,6 +60,11 @@ class TrainHooks(Protocol):
         """Called after every evaluation (and at the end) with the metrics and a checkpoint folder."""
         ...
 
+    def on_step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
+        """Optional: called after every optimizer step with its loss, the tokens this worker
+        processed in it and its wall time (throughput metrics). Hooks without it still work."""
+        ...
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -141,8 +146,10 @@ def run(
     stopped_early = bool(state.get("stopped_early", False))  # a resumed early-stopped run is finished
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    on_step = getattr(hooks, "on_step", None)
     while state["step"] < tc.steps and not stopped_early:
         step = state["step"]
+        step_t0, step_tokens = time.perf_counter(), tokens
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for micro in range(tc.grad_accum):
@@ -157,6 +164,8 @@ def run(
         optimizer.step()
         scheduler.step()
         state["step"] = step = step + 1
+        if on_step is not None:
+            on_step(step, loss_sum, tokens - step_tokens, time.perf_counter() - step_t0)
         if step % tc.log_every == 0 or step == tc.steps:
             state["history"].append({"step": step, "train_loss": round(loss_sum, 6), "lr": scheduler.get_last_lr()[0]})
         if bar is not None:
@@ -213,6 +222,32 @@ def run(
         peak_rss_mb=peak_rss_mb(),
         peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     )
+
+
+def export_checkpoint(cfg: JobConfig, loaded: LoadedModel, checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
+    """Write what `run` leaves in `output_dir` from a checkpoint folder alone: `adapter/` (the best
+    evaluated prompt with `train.keep_best`, else the latest) and `train_history.json`.
+
+    Used where the checkpoint is all there is: a distributed run's storage, or a trial that Ray Tune
+    stopped early. `cfg` must be the configuration the checkpoint was trained with.
+
+    Returns:
+        The adapter folder.
+    """
+    from safetensors.torch import load_file
+
+    ckpt, out = Path(checkpoint_dir), Path(output_dir)
+    tensors = load_file(str(ckpt / "state.safetensors"))
+    meta = json.loads((ckpt / "state.json").read_text())
+    prompt = prompts_mod.create(cfg.prompt, cfg.task, loaded.model, loaded.tokenizer, seed=cfg.train.seed)
+    device = prompt.module.embedding.weight.device
+    prompt.module.load_state_dict({k[len("prompt.") :]: v.to(device) for k, v in tensors.items() if k.startswith("prompt.")})
+    best = tensors.get("best_embeds")
+    final = best.to(device) if (cfg.train.keep_best and best is not None) else prompt.embeddings().detach()
+    out.mkdir(parents=True, exist_ok=True)
+    write_adapter(prompt, final, out / ADAPTER_DIR)
+    (out / "train_history.json").write_text(json.dumps(meta.get("history", []), indent=1))
+    return out / ADAPTER_DIR
 
 
 def evaluate_embeddings(

@@ -1,0 +1,191 @@
+"""Where a Ray command runs: a local Ray, an existing cluster, or a Ray Job on a cluster.
+
+    softprompt tune -c cfg.yaml                              # starts a local Ray (dashboard on)
+    softprompt tune -c cfg.yaml --ray-address auto           # joins this machine's cluster
+    softprompt tune -c cfg.yaml --submit http://HEAD:8265    # runs the same command as a Ray Job
+
+A submitted job gets a deterministic submission id (a hash of the resolved config, the data and
+the command), so submitting again re-attaches to the job instead of starting it twice; a failed or
+stopped job is retried under the next attempt id (`...-r2`) and resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from softprompt.config import JobConfig, RayConfig, to_dict
+from softprompt.errors import SoftpromptError
+
+log = logging.getLogger(__name__)
+
+JOB_CONFIG = "job_config.yaml"
+_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def init_ray(rc: RayConfig, address: str | None = None) -> str:
+    """Connect this process to Ray.
+
+    Args:
+        rc: The `ray` section (its `address`, local `num_cpus`, `dashboard`).
+        address: `--ray-address`, which wins over `rc.address`: None starts a local Ray with its
+            dashboard (inside a Ray Job it joins the job's cluster); `auto` or `HOST:PORT` joins.
+
+    Returns:
+        One line for people: what was started or joined, and the dashboard URL.
+
+    Raises:
+        SoftpromptError: when the cluster cannot be reached (names the address).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "using the Ray this process is already connected to"
+    target = address or rc.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if target:
+            ctx = ray.init(address=target, logging_level=logging.WARNING)
+            what = f"joined Ray at {target}"
+        else:
+            # The dashboard stays on: without it a trial stopped by ASHA can leak its placement group
+            # and starve the next trial, and our metrics reach Prometheus through its agent.
+            ctx = ray.init(num_cpus=rc.num_cpus, include_dashboard=rc.dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+            what = "started a local Ray"
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise SoftpromptError(f"cannot connect to Ray at {target or 'a new local instance'}: {exc}; check --ray-address / ray.address") from exc
+    url = getattr(ctx, "dashboard_url", None)
+    return f"{what}" + (f" (dashboard http://{url})" if url else "")
+
+
+def submission_id(command: str, cfg: JobConfig) -> str:
+    """The deterministic id of a job: the command, the resolved config and the data's content."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"command": command, "config": to_dict(cfg)}, sort_keys=True, default=str).encode())
+    for uri in (cfg.data.train, cfg.data.eval, cfg.data.test):
+        if uri and not uri.startswith("s3://") and Path(uri).is_file():
+            with open(uri, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    name = re.sub(r"[^a-z0-9-]", "-", (cfg.run_name or cfg.task.name).lower())[:40].strip("-")
+    return f"softprompt-{command}-{name}-{h.hexdigest()[:12]}"
+
+
+def submit(cfg: JobConfig, command: str, address: str, *, run_dir: str | None = None, extra_args: list[str] | None = None) -> int:
+    """Run `softprompt <command>` as a Ray Job and follow it to the end.
+
+    The job gets the resolved config (overrides applied, local paths made absolute) as
+    `job_config.yaml` in its working directory, and `--ray-address auto`. Submitting the same
+    command again re-attaches; a job that failed or was stopped is retried as the next attempt.
+
+    Args:
+        cfg: The resolved configuration.
+        command: `tune` or `run`.
+        address: The dashboard address, e.g. `http://HEAD:8265`.
+        run_dir: `--run-dir`, passed on (made absolute) when given.
+        extra_args: Further flags for the command (e.g. `--no-publish`).
+
+    Returns:
+        The exit code: 0 when the job succeeded, 1 when it failed or was stopped, 130 when you
+        stopped following it (the job keeps running; the same command re-attaches).
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    job_cfg = _portable(cfg)
+    base = submission_id(command, job_cfg)
+    try:
+        client = JobSubmissionClient(address)
+        existing = {j.submission_id: str(j.status) for j in client.list_jobs() if j.submission_id}
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise SoftpromptError(f"cannot reach the Ray Jobs API at {address}: {exc}; pass the dashboard address, e.g. http://HEAD:8265") from exc
+    sid, attempt = base, 1
+    while existing.get(sid) in ("FAILED", "STOPPED"):
+        attempt += 1
+        sid = f"{base}-r{attempt}"
+    if sid in existing:
+        print(f"job {sid} exists ({existing[sid]}); re-attaching")
+    else:
+        args = [command, "-c", JOB_CONFIG, "--ray-address", "auto", "--no-progress"]
+        if run_dir:
+            args += ["--run-dir", str(Path(run_dir).resolve())]
+        entrypoint = "softprompt " + " ".join(_quote(a) for a in [*args, *(extra_args or [])])
+        with tempfile.TemporaryDirectory(prefix="softprompt-job-") as tmp:
+            (Path(tmp) / JOB_CONFIG).write_text(yaml.safe_dump(to_dict(job_cfg), sort_keys=False))
+            try:
+                client.submit_job(
+                    entrypoint=entrypoint, submission_id=sid, runtime_env={"working_dir": tmp},
+                    metadata={"softprompt_command": command, "softprompt_run": str(job_cfg.run_name)},
+                )
+                print(f"submitted job {sid} to {address}: {entrypoint}")
+            except RuntimeError as exc:
+                if "already exists" not in str(exc):
+                    raise SoftpromptError(f"submitting job {sid} to {address} failed: {exc}") from exc
+                print(f"job {sid} was just submitted by another caller; re-attaching")
+    return follow(client, sid)
+
+
+def follow(client: Any, sid: str) -> int:
+    """Stream a job's logs to stdout until it ends; the exit code follows its final status."""
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(sid):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(tail())
+        status = str(client.get_job_status(sid))
+        while status not in _TERMINAL:  # the log stream can close a moment before the status flips
+            time.sleep(1.0)
+            status = str(client.get_job_status(sid))
+    except KeyboardInterrupt:
+        print(f"\nstopped following job {sid}; it keeps running. Rerun the same command to re-attach.", file=sys.stderr)
+        return 130
+    info = client.get_job_info(sid)
+    print(f"job {sid} {status}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else ""))
+    return 0 if status == "SUCCEEDED" else 1
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _portable(cfg: JobConfig) -> JobConfig:
+    """The config as the job will see it: local paths absolute (the job's working directory is a
+    copy of this one's config only) and a run name fixed now, so a retry lands in the same run."""
+    from softprompt.config import config_from_dict
+
+    raw = to_dict(cfg)
+
+    def absolute(section: str, key: str, must_exist: bool) -> None:
+        value = raw[section][key]
+        if isinstance(value, str) and value and "://" not in value and (not must_exist or Path(value).exists()):
+            raw[section][key] = str(Path(value).expanduser().resolve())
+
+    for key in ("train", "eval", "test"):
+        absolute("data", key, True)
+    absolute("model", "name", True)
+    absolute("prompt", "init_from", True)
+    absolute("publish", "store", False)
+    absolute("ray", "storage_path", False)
+    raw["workdir"] = str(Path(raw["workdir"]).resolve())
+    raw["ray"]["address"] = None
+    if not raw["run_name"]:
+        raw["run_name"] = submission_id("run-name", cfg).rsplit("-", 1)[-1][:8]
+        raw["run_name"] = f"{cfg.task.name}-{raw['run_name']}"
+    return config_from_dict(raw)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)

@@ -1,0 +1,111 @@
+"""Ray Train on a real local Ray: two DDP workers fed by Ray Data from S3 (moto), checkpoints on S3,
+our metrics on Ray's Prometheus endpoint, and a worker killed mid-run that resumes to the same final
+prompt as the uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import pytest
+from safetensors.torch import load_file
+
+from softprompt import distributed
+from softprompt.dataset import read_split
+from softprompt.modeling import load_model
+from softprompt.prompts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+if TYPE_CHECKING:
+    from conftest import TinyTask
+
+pytestmark = pytest.mark.slow
+
+RUN = ("train.steps=20", "train.eval_every=5", "ray.max_failures=1")
+
+
+@pytest.fixture(scope="module")
+def s3_run(tiny_task: TinyTask, ray_session: dict[str, str], s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One uninterrupted two-worker run reading its data from S3 and checkpointing to S3."""
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    bucket = "softprompt-ray-train"
+    s3.create_bucket(Bucket=bucket)
+    for split in ("train", "eval"):
+        s3.upload_file(str(tiny_task.data_dir / f"{split}.parquet"), bucket, f"data/{split}.parquet")
+    cfg = tiny_task.config(*RUN, f"ray.storage_path=s3://{bucket}/ray", f"ray.storage_endpoint_url={s3_endpoint}")
+    run_dir = tmp_path_factory.mktemp("s3-run") / "run"
+    result = distributed.fit(cfg, f"s3://{bucket}/data", run_dir)
+    return {"cfg": cfg, "result": result, "s3": s3, "bucket": bucket, "run_dir": run_dir}
+
+
+def test_two_workers_train_from_s3_data_and_checkpoint_to_s3(s3_run: dict[str, Any], tiny_task: TinyTask, ray_session: dict[str, str]) -> None:
+    cfg, result, s3, bucket = s3_run["cfg"], s3_run["result"], s3_run["s3"], s3_run["bucket"]
+
+    assert result.metrics["step"] == cfg.train.steps
+    assert result.checkpoint_uri.startswith(f"s3://{bucket}/ray/run/train/checkpoint_")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="ray/run/train/")["Contents"]}
+    assert {k.rsplit("/", 1)[-1] for k in keys} >= {"state.safetensors", "state.json"}
+    # `checkpoints_to_keep` (2) bounds what stays in the bucket.
+    assert len({k.split("/")[3] for k in keys if k.split("/")[3].startswith("checkpoint_")}) <= cfg.ray.checkpoints_to_keep
+    # Two ranks, each with its half of the training rows (Ray Data's equal split).
+    n_train = len(read_split(tiny_task.data_dir, "train"))
+    assert sorted((w["rank"], w["rows"]) for w in result.workers) == [(0, n_train // 2), (1, n_train // 2)]
+    assert result.best_metric == pytest.approx(0.8)  # the label prior is learned
+
+    adapter = distributed.export_adapter(cfg, load_model(cfg.model), result.checkpoint_uri, s3_run["run_dir"] / "train")
+    assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= {p.name for p in adapter.iterdir()}
+    assert (adapter.parent / "train_history.json").is_file()
+
+    # Our series reach Ray's Prometheus endpoint with the `ray_` prefix (exported every few seconds).
+    wanted = ["ray_softprompt_tokens_per_second", "ray_softprompt_step_time_seconds_bucket", "ray_softprompt_train_loss", "ray_softprompt_eval_metric"]
+    deadline, text = time.monotonic() + 30, ""
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(ray_session["metrics_url"], timeout=5).read().decode()
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    assert [name for name in wanted if name not in text] == []
+    assert 'metric="accuracy"' in text and 'trial="train"' in text
+
+
+def test_worker_killed_mid_run_resumes_to_the_same_final_prompt(s3_run: dict[str, Any], tiny_task: TinyTask, tmp_path: Path) -> None:
+    from ray.util.state import list_actors
+
+    cfg = tiny_task.config(*RUN)
+    storage = tmp_path / "killed" / "ray" / "train"
+    killed: list[int] = []
+
+    def kill_a_worker_after_the_first_checkpoint() -> None:
+        deadline, workers = time.monotonic() + 240, []
+        # The only live training workers are this run's (the reference run has ended).
+        while time.monotonic() < deadline and len(workers) < 2:
+            workers = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]) if a.pid]
+            time.sleep(0.2)
+        while time.monotonic() < deadline and not (storage / "checkpoint_000005").is_dir():
+            time.sleep(0.05)
+        os.kill(workers[-1], signal.SIGKILL)
+        killed.append(workers[-1])
+
+    workers_before = len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
+    watcher = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    watcher.start()
+    with ThreadPoolExecutor(1) as pool:
+        resumed = pool.submit(distributed.fit, cfg, tiny_task.data_dir, tmp_path / "killed").result(timeout=420)
+    watcher.join(timeout=5)
+
+    assert killed, "no worker was killed"
+    assert resumed.metrics["step"] == cfg.train.steps
+    # The killed run started a second worker group: four workers in all.
+    assert len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)) - workers_before == 4
+    reference = distributed.download_checkpoint(s3_run["result"].checkpoint_uri, tmp_path / "reference", s3_run["cfg"].ray)
+    ref = load_file(str(reference / "state.safetensors"))
+    got = load_file(str(Path(resumed.checkpoint_uri) / "state.safetensors"))
+    # The final prompt, the best prompt and the optimizer state all match bit for bit.
+    for key in ("prompt.embedding.weight", "best_embeds", "opt.0.exp_avg", "opt.0.exp_avg_sq"):
+        assert ref[key].equal(got[key]), key
