@@ -295,7 +295,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     refs: list[tuple[str, Path]] = []
     for item in args.artifact:
         name, _, ref = item.rpartition("=") if "=" in item and not item.startswith("s3://") else ("", "", item)
-        local = resolve_artifact(ref, cache, endpoint_url=args.endpoint_url) if ref.startswith("s3://") else Path(ref)
+        # Folders load as they are; s3:// URIs and registry aliases (<registry>/<task>/<model>/champion) resolve.
+        local = Path(ref) if Path(ref).is_dir() else resolve_artifact(ref, cache, endpoint_url=args.endpoint_url)
         refs.append((name or f"p{len(refs)}", local))
     # Read the inputs first: a bad file should fail in a second, not after loading the model.
     rows = predict.read_inputs(args.input, args.text_column, args.prompt_column, default_prompt=refs[0][0])
