@@ -95,11 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3 endpoint for s3:// artifacts")
     p.set_defaults(func=cmd_predict)
 
-    from softprompt import registry_cli
+    from softprompt import registry_cli, serve
     from softprompt.kubeflow import cli as kubeflow_cli
 
     registry_cli.add_commands(sub)
     kubeflow_cli.add_commands(sub)
+    serve.add_command(sub)
     return parser
 
 
