@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from softprompt.config import load_config, to_dict
-from softprompt.kubeflow import steps
+from softprompt.kubeflow import remote, steps
 
 DEMO = Path(steps.__file__).resolve().parents[1] / "demo"
 
@@ -94,9 +94,9 @@ def test_metric_scalars() -> None:
 
 
 def test_default_scratch_is_the_registry_buckets_tmp(tmp_path: Path) -> None:
-    assert steps.default_scratch("s3://softprompt-registry/registry", "softprompt-tune-abc") == \
+    assert remote.default_scratch("s3://softprompt-registry/registry", "softprompt-tune-abc") == \
         "s3://softprompt-registry/tmp/softprompt/softprompt-tune-abc"
-    assert steps.default_scratch(str(tmp_path / "reg"), "n").endswith("softprompt-scratch/n")
+    assert remote.default_scratch(str(tmp_path / "reg"), "n").endswith("softprompt-scratch/n")
 
 
 def test_unknown_launcher(tmp_path: Path) -> None:

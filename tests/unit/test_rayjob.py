@@ -10,7 +10,9 @@ status transitions, the submitter pod list and its log.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ import pytest
 import yaml
 
 from softprompt.config import load_config
-from softprompt.kubeflow import rayjob, steps
+from softprompt.kubeflow import rayjob, remote, steps
 from softprompt.kubeflow.rayjob import (
     RayLaunchError,
     WorkerResources,
@@ -70,6 +72,9 @@ class FakeKube:
             return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": pods}, "application/json"
         if method == "GET" and path.startswith(f"/api/v1/namespaces/{NS}/pods/") and path.endswith("/log"):
             return 200, self.log, "text/plain"
+        if method == "GET" and path == f"/api/v1/namespaces/{NS}/secrets/softprompt-s3":
+            data = {k: base64.b64encode(v.encode()).decode() for k, v in (("AWS_ACCESS_KEY_ID", "pipeline"), ("AWS_SECRET_ACCESS_KEY", "s3cr3t"))}
+            return 200, {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "softprompt-s3"}, "data": data}, "application/json"
         return 404, _status_obj(404, "NotFound"), "application/json"
 
 
@@ -154,7 +159,7 @@ def test_creates_watches_until_succeeded_and_prints_the_submitter_log(kube: tupl
     api, fake = kube
     fake.statuses = [{}, RUNNING, RUNNING, SUCCEEDED]
     lines: list[str] = []
-    body = build_rayjob(job_name("run-a"), "python -m softprompt.kubeflow.steps tune-remote --scratch s3://b/tmp/x", run_id="run-a")
+    body = build_rayjob(job_name("run-a"), "python -m softprompt.kubeflow.remote --scratch s3://b/tmp/x", run_id="run-a")
     result = run_rayjob(body, NS, api_client=api, poll_seconds=0, echo=lines.append)
     assert (result.job_status, result.deployment_status, result.attached) == ("SUCCEEDED", "Complete", False)
     assert result.logs == fake.log
@@ -219,7 +224,7 @@ def _tiny_config(tmp_path: Path, registry: str) -> Path:
 
 
 def test_tune_step_hands_over_through_the_scratch_store(kube: tuple[Any, FakeKube], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """launcher=rayjob: config and data go to the scratch store, the RayJob runs tune-remote on
+    """launcher=rayjob: config and data go to the scratch store, the RayJob runs the remote driver on
     them, and the winner it leaves in <scratch>/train becomes the step's adapter output."""
     api, fake = kube
     monkeypatch.setattr(rayjob, "_kube_api_client", lambda: api)
@@ -252,19 +257,19 @@ def test_tune_step_hands_over_through_the_scratch_store(kube: tuple[Any, FakeKub
     sent = load_config(scratch / "config" / "tune.yaml").ray  # the step's resource parameters, baked in
     assert (sent.num_workers, sent.use_gpu, sent.gpus_per_worker, sent.cpus_per_worker) == (2, True, 1.0, 3.0)
     body = fake.objects[job_name("run-42")]
-    assert body["spec"]["entrypoint"] == f"python -m softprompt.kubeflow.steps tune-remote --scratch {scratch}"
+    assert body["spec"]["entrypoint"] == f"python -m softprompt.kubeflow.remote --scratch {scratch}"
     assert body["spec"]["activeDeadlineSeconds"] == 7200
     group = body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert group["maxReplicas"] == 2
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": 1}
 
 
-def test_tune_remote_pulls_tunes_and_pushes_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_remote_driver_pulls_tunes_and_pushes_the_winners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The driver side: config and data from the scratch store, `softprompt tune --ray-address
     auto` (or train), the ranked winners back without their checkpoints."""
     scratch = tmp_path / "scratch"
     config = _tiny_config(tmp_path, str(tmp_path / "registry"))
-    steps.push_file(steps.write_config(load_config(config), tmp_path / "tune.yaml"), str(scratch / "config"), None)
+    remote.push_file(steps.write_config(load_config(config), tmp_path / "tune.yaml"), str(scratch / "config"), None)
     (scratch / "data").mkdir()
     (scratch / "data" / "train.parquet").write_bytes(b"PAR1")
     commands: list[list[str]] = []
@@ -285,7 +290,7 @@ def test_tune_remote_pulls_tunes_and_pushes_the_winner(tmp_path: Path, monkeypat
         return ""
 
     monkeypatch.setattr(steps, "run_cli", fake_cli)
-    assert steps.main(["tune-remote", "--scratch", str(scratch)]) == 0
+    assert remote.main(["--scratch", str(scratch)]) == 0
     assert commands[0][0] in ("tune", "train") and commands[0][1] == "-c"
     assert commands[0][2].endswith("tune.yaml")
     if commands[0][0] == "tune":
@@ -333,10 +338,10 @@ class FakeJobs:
 
 def test_jobs_api_submits_follows_and_reads_the_final_status(capsys: pytest.CaptureFixture[str]) -> None:
     jobs = FakeJobs()
-    result = run_ray_job("http://head:8265", "python -m softprompt.kubeflow.steps tune-remote --scratch s3://b/t", "softprompt-tune-1",
+    result = run_ray_job("http://head:8265", "python -m softprompt.kubeflow.remote --scratch s3://b/t", "softprompt-tune-1",
                          client=jobs, echo=print)
     assert (result.name, result.job_status, result.attached) == ("softprompt-tune-1", "SUCCEEDED", False)
-    assert jobs.submitted[0]["entrypoint"].startswith("python -m softprompt.kubeflow.steps tune-remote")
+    assert jobs.submitted[0]["entrypoint"].startswith("python -m softprompt.kubeflow.remote")
     assert jobs.submitted[0]["submission_id"] == "softprompt-tune-1"
     assert "best trial accuracy=0.9" in capsys.readouterr().out
 
@@ -351,3 +356,19 @@ def test_jobs_api_reattaches_to_a_running_job_and_retries_a_failed_one() -> None
     failing = FakeJobs(final="FAILED")
     with pytest.raises(RayLaunchError, match="ended FAILED"):
         run_ray_job("http://head:8265", "x", "softprompt-tune-1", client=failing, echo=lambda _: None)
+
+
+def test_steps_read_s3_credentials_from_the_secret_in_a_pod(kube: tuple[Any, FakeKube], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    api, fake = kube
+    (tmp_path / "namespace").write_text(NS)
+    monkeypatch.setattr(steps, "_SA_DIR", tmp_path)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "")  # restored after the test
+    steps.ensure_s3_credentials(api)
+    assert (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]) == ("pipeline", "s3cr3t")
+    assert fake.requests[-1][:2] == ("GET", f"/api/v1/namespaces/{NS}/secrets/softprompt-s3")
+    fake.requests.clear()
+    steps.ensure_s3_credentials(api)  # credentials present: no API call
+    assert fake.requests == []

@@ -68,7 +68,8 @@ def tune(
     adapter: Output[Model],
 ) -> None:
     """Tune: search prompt-tuning settings with Ray Tune over Ray Train workers (`softprompt
-    tune`), locally, on a running Ray cluster, or on a RayJob's own cluster; output the winner."""
+    tune`), locally, on a running Ray cluster, or on a RayJob's own cluster; output the best
+    trials' prompts, ranked."""
     from softprompt.kubeflow import steps
 
     adapter.metadata.update(steps.tune(

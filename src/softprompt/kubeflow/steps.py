@@ -7,17 +7,14 @@ copies into its KFP artifacts' metadata. The validate step writes the *resolved*
 pipeline parameters + overrides, validated); every later step reads that one file, so all stages
 of a run see exactly the same configuration.
 
-`python -m softprompt.kubeflow.steps tune-remote ...` is the entrypoint of the Ray driver that the
-tune step launches on a cluster (see `rayjob.py`): it pulls the config and the prepared data from
-the scratch store, tunes, and pushes the winner back.
+On a cluster the tune step hands its work to a Ray driver (`remote.py`) through a scratch store,
+launched as a KubeRay RayJob or a Ray Jobs API submission (`rayjob.py`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -137,20 +134,20 @@ def tune(
         return {"launcher": launcher, **winner_summary(Path(adapter_out))}
     if launcher not in ("ray-jobs", "rayjob"):
         raise StepError(f"tune launcher={launcher!r} is not one of local, ray-jobs, rayjob")
-    from softprompt.kubeflow import rayjob
+    from softprompt.kubeflow import rayjob, remote
 
     name = rayjob.job_name(run_id or "manual")
     cfg = load_config(config, overrides)
-    scratch = scratch_uri or default_scratch(cfg.publish.store, name)
+    scratch = scratch_uri or remote.default_scratch(cfg.publish.store, name)
     endpoint = cfg.publish.s3_endpoint_url
     if cfg.ray.storage_path is None and scratch.startswith("s3://"):
         # Trials on several nodes share checkpoints only through S3.
         cfg = load_config(config, [*overrides, f"ray.storage_path={scratch}/ray"]
                           + ([f"ray.storage_endpoint_url={endpoint}"] if endpoint and not cfg.ray.storage_endpoint_url else []))
     with tempfile.TemporaryDirectory(prefix="softprompt-tune-") as tmp:
-        push_file(write_config(cfg, Path(tmp) / "tune.yaml"), scratch + "/config", endpoint)
-    push_tree(Path(dataset), scratch + "/data", endpoint)
-    entrypoint = remote_entrypoint(scratch, endpoint_url=endpoint)
+        remote.push_file(write_config(cfg, Path(tmp) / "tune.yaml"), scratch + "/config", endpoint)
+    remote.push_tree(Path(dataset), scratch + "/data", endpoint)
+    entrypoint = remote.entrypoint(scratch, endpoint_url=endpoint)
     if launcher == "ray-jobs":
         if not ray_address:
             raise StepError("tune launcher=ray-jobs needs ray_address, e.g. http://softprompt-head-svc.softprompt-dev.svc:8265")
@@ -161,7 +158,7 @@ def tune(
                                       cpus=cfg.ray.cpus_per_worker + 1, memory=memory_per_worker or "48Gi")
         spec = rayjob.build_rayjob(name, entrypoint, run_id=run_id, resources=pods, active_deadline_seconds=int(max_hours * 3600))
         result = rayjob.run_rayjob(spec, ray_namespace or pod_namespace())
-    pull_tree(scratch + "/winners", Path(adapter_out), endpoint)
+    remote.pull_tree(scratch + "/winners", Path(adapter_out), endpoint)
     return {"launcher": launcher, "ray_job": result.name, "ray_job_status": result.job_status, "scratch": scratch,
             **winner_summary(Path(adapter_out))}
 
@@ -248,7 +245,7 @@ def promote(config: str | Path, task: str, base_model: str, version: str, *, rea
 
 
 # --------------------------------------------------------------------------------------------------
-# Ray launch helpers (the remote side runs `tune_remote`)
+# Tuned prompts: which command tunes, and the ranked winners it leaves (here or on the Ray head)
 
 
 def tune_command(config: Path, run_dir: Path, *, ray_address: str = "") -> list[str]:
@@ -263,68 +260,6 @@ def has_tune_command() -> bool:
     """Whether `softprompt tune --help` succeeds in this environment."""
     proc = subprocess.run([sys.executable, "-m", "softprompt.cli", "tune", "--help"], capture_output=True, check=False)
     return proc.returncode == 0
-
-
-def remote_entrypoint(scratch: str, *, endpoint_url: str | None = None) -> str:
-    """The Ray driver's command line: `tune-remote` reading from and writing to `scratch`."""
-    args = ["python", "-m", "softprompt.kubeflow.steps", "tune-remote", "--scratch", scratch]
-    if endpoint_url:
-        args += ["--endpoint-url", endpoint_url]
-    return shlex.join(args)
-
-
-def tune_remote(scratch: str, *, endpoint_url: str | None = None) -> None:
-    """On the Ray head: pull `<scratch>/config/tune.yaml` and `<scratch>/data`, tune on this
-    cluster (`--ray-address auto`), push the ranked winners to `<scratch>/winners`."""
-    ensure_s3_credentials()
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-    with tempfile.TemporaryDirectory(prefix="softprompt-remote-") as tmp:
-        run_dir = Path(tmp) / "run"
-        pull_tree(scratch + "/config", Path(tmp) / "config", endpoint)
-        pull_tree(scratch + "/data", run_dir / "data", endpoint)
-        command = tune_command(Path(tmp) / "config" / "tune.yaml", run_dir, ray_address="auto")
-        run_cli(command)
-        collect_winners(run_dir, Path(tmp) / "winners", command[0])
-        push_tree(Path(tmp) / "winners", scratch + "/winners", endpoint)
-
-
-def default_scratch(registry: str, name: str) -> str:
-    """`s3://<bucket>/tmp/softprompt/<name>` for an S3 registry (the bucket's `tmp/` expires by
-    lifecycle rule); a local temp folder otherwise (one machine only)."""
-    if registry.startswith("s3://"):
-        bucket = registry[len("s3://"):].split("/", 1)[0]
-        return f"s3://{bucket}/tmp/softprompt/{name}"
-    return str(Path(tempfile.gettempdir()) / "softprompt-scratch" / name)
-
-
-def push_tree(src: Path, uri: str, endpoint: str | None, *, skip: Sequence[str] = ()) -> None:
-    """Upload the files under `src` (except top-level names in `skip`) to the store at `uri`."""
-    from softprompt.storage import open_store
-
-    store = open_store(uri, endpoint_url=endpoint)
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        rel = path.relative_to(src).as_posix()
-        if rel.split("/", 1)[0] not in skip:
-            store.put_file(rel, path)
-
-
-def push_file(path: Path, uri: str, endpoint: str | None) -> None:
-    """Upload one file to the store at `uri`, under its own name."""
-    from softprompt.storage import open_store
-
-    open_store(uri, endpoint_url=endpoint).put_file(path.name, path)
-
-
-def pull_tree(uri: str, dest: Path, endpoint: str | None) -> None:
-    """Download every key under the store at `uri` into `dest`."""
-    from softprompt.storage import open_store
-
-    store = open_store(uri, endpoint_url=endpoint)
-    keys = store.list("")
-    if not keys:
-        raise StepError(f"{uri} is empty: the Ray job wrote no results there; see its log above")
-    for key in keys:
-        store.get_file(key, dest / key)
 
 
 def collect_winners(run_dir: Path, out: Path, command: str) -> None:
@@ -409,13 +344,16 @@ def copy_tree(src: Path, dest: Path, *, ignore: Sequence[str] = ()) -> None:
     shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*ignore) if ignore else None)
 
 
-def ensure_s3_credentials() -> None:
+def ensure_s3_credentials(api_client: Any = None) -> None:
     """Inside a Kubernetes pod without AWS credentials in its environment, read them from the
     Secret `softprompt-s3` of the pod's namespace (the pipeline's Role may `get` exactly that).
 
     KFP gives component pods no secret env without the kfp-kubernetes extension; reading the
     Secret through the API keeps credentials out of the pipeline spec. A failure only warns:
     credentials may also come from the node's or the pod's cloud identity.
+
+    Args:
+        api_client: A kubernetes ApiClient (tests); default: the pod's in-cluster credentials.
     """
     if os.environ.get("AWS_ACCESS_KEY_ID") or not os.environ.get("KUBERNETES_SERVICE_HOST"):
         return
@@ -424,8 +362,9 @@ def ensure_s3_credentials() -> None:
 
         from kubernetes import client, config
 
-        config.load_incluster_config()
-        secret = client.CoreV1Api().read_namespaced_secret(S3_SECRET, pod_namespace())
+        if api_client is None:
+            config.load_incluster_config()
+        secret = client.CoreV1Api(api_client).read_namespaced_secret(S3_SECRET, pod_namespace())
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
             if (secret.data or {}).get(key):
                 os.environ[key] = base64.b64decode(secret.data[key]).decode()
@@ -456,23 +395,3 @@ def _history_summary(trial_dir: Path) -> dict[str, Any]:
     scored = [h for h in history if isinstance(h.get("eval_metric"), (int, float))]
     best = max(scored, key=lambda h: h["eval_metric"], default=None)
     return {"best_eval_metric": best["eval_metric"], "best_step": best.get("step", 0)} if best else {}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m softprompt.kubeflow.steps tune-remote ...` (the Ray driver of a cluster launch)."""
-    parser = argparse.ArgumentParser(prog="python -m softprompt.kubeflow.steps")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("tune-remote", help="tune on this Ray cluster with inputs and outputs in a scratch store")
-    p.add_argument("--scratch", required=True, help="store URI holding config/ and data/; the winners go to winners/")
-    p.add_argument("--endpoint-url", help="S3 endpoint of the scratch store (default: $AWS_ENDPOINT_URL)")
-    args = parser.parse_args(argv)
-    try:
-        tune_remote(args.scratch, endpoint_url=args.endpoint_url)
-    except SoftpromptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
