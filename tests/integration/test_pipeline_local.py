@@ -90,6 +90,7 @@ def test_local_pipeline_end_to_end(demo_config: Path, tmp_path: Path, capsys: py
     assert (winners / "00" / "adapter" / "adapter_model.safetensors").is_file() and (winners / "00" / "train_history.json").is_file()
     assert not any(p.name == "checkpoint" for p in winners.rglob("*"))
     assert tuned["metadata"]["launcher"] == "local" and tuned["metadata"]["adapters"] == 1
+    assert load_config(winners / "config.yaml").train == resolved.train  # one trial: the configured values
 
     candidate = _artifact(run_dir, "evaluate", "candidate")
     assert set(REQUIRED_FILES) <= {p.name for p in Path(candidate["uri"]).iterdir()}

@@ -264,9 +264,12 @@ def test_tune_step_hands_over_through_the_scratch_store(kube: tuple[Any, FakeKub
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": 1}
 
 
-def test_remote_driver_pulls_tunes_and_pushes_the_winners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("has_tune", [True, False], ids=["tune", "train-fallback"])
+def test_remote_driver_pulls_tunes_and_pushes_the_winners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, has_tune: bool) -> None:
     """The driver side: config and data from the scratch store, `softprompt tune --ray-address
-    auto` (or train), the ranked winners back without their checkpoints."""
+    auto` (or `softprompt train` where the image has no tune command), the ranked winners back
+    without their checkpoints."""
+    monkeypatch.setattr(steps, "has_tune_command", lambda: has_tune)
     scratch = tmp_path / "scratch"
     config = _tiny_config(tmp_path, str(tmp_path / "registry"))
     remote.push_file(steps.write_config(load_config(config), tmp_path / "tune.yaml"), str(scratch / "config"), None)
@@ -286,21 +289,26 @@ def test_remote_driver_pulls_tunes_and_pushes_the_winners(tmp_path: Path, monkey
                 (trial / rel).write_text(json.dumps({"trial": trial.name}))
         if args[0] == "tune":
             (run_dir / "tune" / "tune_result.json").write_text(json.dumps({
-                "ensemble": [str(t / "adapter") for t in trials], "best": {"trial_id": "t2", "params": {}}, "trials": []}))
+                "ensemble": [str(t / "adapter") for t in trials], "trials": [],
+                "best": {"trial_id": "t2", "params": {"train.lr": 0.05, "prompt.num_virtual_tokens": 8}}}))
         return ""
 
     monkeypatch.setattr(steps, "run_cli", fake_cli)
     assert remote.main(["--scratch", str(scratch)]) == 0
-    assert commands[0][0] in ("tune", "train") and commands[0][1] == "-c"
+    assert commands[0][0] == ("tune" if has_tune else "train") and commands[0][1] == "-c"
     assert commands[0][2].endswith("tune.yaml")
     if commands[0][0] == "tune":
         assert commands[0][-2:] == ["--ray-address", "auto"]
     winners = scratch / "winners"
     names = ["00", "01"] if commands[0][0] == "tune" else ["00"]
     assert sorted(p.relative_to(winners).as_posix() for p in winners.rglob("*") if p.is_file()) == sorted(
-        [*(f"{n}/{f}" for n in names for f in ("adapter/adapter_config.json", "train_history.json")), "ranking.json"])
-    if commands[0][0] == "tune":  # best first, as tune ranked them
+        [*(f"{n}/{f}" for n in names for f in ("adapter/adapter_config.json", "train_history.json")), "ranking.json", "config.yaml"])
+    best = load_config(winners / "config.yaml")  # what evaluate runs with
+    if commands[0][0] == "tune":  # best first, as tune ranked them, and the winner's values
         assert json.loads((winners / "00" / "adapter" / "adapter_config.json").read_text()) == {"trial": "t2"}
+        assert (best.train.lr, best.prompt.num_virtual_tokens) == (0.05, 8)
+    else:
+        assert best == load_config(config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,11 +322,16 @@ class FakeJobs:
     existing: dict[str, str] = field(default_factory=dict)
     final: str = "SUCCEEDED"
     submitted: list[dict[str, Any]] = field(default_factory=list)
+    not_ready: int = 0
+    """Submissions answered like a head whose job agent has not registered yet."""
 
     def list_jobs(self) -> list[Any]:
         return [type("Job", (), {"submission_id": sid, "status": status}) for sid, status in self.existing.items()]
 
     def submit_job(self, **kwargs: Any) -> str:
+        if self.not_ready:
+            self.not_ready -= 1
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later..")
         self.submitted.append(kwargs)
         self.existing[kwargs["submission_id"]] = "PENDING"
         return str(kwargs["submission_id"])
@@ -372,3 +385,14 @@ def test_steps_read_s3_credentials_from_the_secret_in_a_pod(kube: tuple[Any, Fak
     fake.requests.clear()
     steps.ensure_s3_credentials(api)  # credentials present: no API call
     assert fake.requests == []
+
+
+def test_jobs_api_retries_while_the_head_is_not_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rayjob, "SUBMIT_WAIT_SECONDS", 1.5)  # one retry, 1 s later
+    lines: list[str] = []
+    jobs = FakeJobs(not_ready=1)
+    result = run_ray_job("http://head:8265", "x", "softprompt-tune-1", client=jobs, echo=lines.append)
+    assert result.job_status == "SUCCEEDED" and len(jobs.submitted) == 1
+    assert "not ready to take jobs yet" in lines[0] and "retrying in 1s" in lines[0]
+    with pytest.raises(RayLaunchError, match=r"could not submit .* try again later"):
+        run_ray_job("http://head:8265", "x", "softprompt-tune-2", client=FakeJobs(not_ready=99), echo=lambda _: None)

@@ -38,6 +38,8 @@ RAY_VERSION = "2.60.0"
 """Must match the ray wheel in the image (Dockerfile RAY_VERSION)."""
 POLL_SECONDS = 10.0
 """How often a RayJob's status is read."""
+SUBMIT_WAIT_SECONDS = 120.0
+"""How long a Jobs API submission is retried while the head asks to "try again later"."""
 Echo = Callable[[str], None]
 
 
@@ -275,15 +277,7 @@ def run_ray_job(
     if attached:
         echo(f"Ray job {sid} at {address} exists ({existing[sid]}; this step is a retry): re-attaching")
     else:
-        try:
-            client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
-                              metadata={"app": "softprompt", "component": "tune"})
-            echo(f"submitted Ray job {sid} to {address}: {entrypoint}")
-        except RuntimeError as exc:
-            if "already exists" not in str(exc):
-                raise RayLaunchError(f"could not submit Ray job {sid} to {address}: {exc}") from exc
-            attached = True
-            echo(f"Ray job {sid} was just submitted by another attempt: re-attaching")
+        attached = _submit(client, address, sid, entrypoint, runtime_env, echo)
     code = jobs.follow(client, sid)  # streams the driver's log into this step's log
     status = str(client.get_job_status(sid))
     if code != 0:
@@ -292,6 +286,30 @@ def run_ray_job(
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def _submit(client: Any, address: str, sid: str, entrypoint: str, runtime_env: dict[str, Any] | None, echo: Echo) -> bool:
+    """Submit; returns True when another attempt had just submitted it (re-attach)."""
+    deadline = time.monotonic() + SUBMIT_WAIT_SECONDS
+    attempt = 0
+    while True:
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
+                              metadata={"app": "softprompt", "component": "tune"})
+            echo(f"submitted Ray job {sid} to {address}: {entrypoint}")
+            return False
+        except RuntimeError as exc:
+            if "already exists" in str(exc):
+                echo(f"Ray job {sid} was just submitted by another attempt: re-attaching")
+                return True
+            # A head that just started (or restarted) answers 500 "No available agent to submit
+            # job, please try again later" until its job agent has registered.
+            delay = min(2.0**attempt, 15.0)
+            if "try again later" not in str(exc) or time.monotonic() + delay > deadline:
+                raise RayLaunchError(f"could not submit Ray job {sid} to {address}: {exc}") from exc
+            echo(f"Ray at {address} is not ready to take jobs yet ({exc}); retrying in {delay:.0f}s")
+            time.sleep(delay)
+            attempt += 1
 
 
 def _kube_api_client() -> Any:

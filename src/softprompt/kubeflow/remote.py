@@ -40,9 +40,10 @@ def run(scratch: str, *, endpoint_url: str | None = None) -> None:
         run_dir = Path(tmp) / "run"
         pull_tree(scratch + "/config", Path(tmp) / "config", endpoint)
         pull_tree(scratch + "/data", run_dir / "data", endpoint)
-        command = steps.tune_command(Path(tmp) / "config" / "tune.yaml", run_dir, ray_address="auto")
+        config = Path(tmp) / "config" / "tune.yaml"
+        command = steps.tune_command(config, run_dir, ray_address="auto")
         steps.run_cli(command)
-        steps.collect_winners(run_dir, Path(tmp) / "winners", command[0])
+        steps.collect_winners(run_dir, Path(tmp) / "winners", command[0], config)
         push_tree(Path(tmp) / "winners", scratch + "/winners", endpoint)
 
 

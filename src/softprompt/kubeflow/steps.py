@@ -128,9 +128,10 @@ def tune(
         with tempfile.TemporaryDirectory(prefix="softprompt-tune-") as tmp:
             run_dir = Path(tmp) / "run"
             copy_tree(Path(dataset), run_dir / "data")
-            command = tune_command(write_config(load_config(config, overrides), Path(tmp) / "tune.yaml"), run_dir)
+            tune_config = write_config(load_config(config, overrides), Path(tmp) / "tune.yaml")
+            command = tune_command(tune_config, run_dir)
             run_cli(command)
-            collect_winners(run_dir, Path(adapter_out), command[0])
+            collect_winners(run_dir, Path(adapter_out), command[0], tune_config)
         return {"launcher": launcher, **winner_summary(Path(adapter_out))}
     if launcher not in ("ray-jobs", "rayjob"):
         raise StepError(f"tune launcher={launcher!r} is not one of local, ray-jobs, rayjob")
@@ -183,15 +184,18 @@ def write_config(cfg: JobConfig, path: Path) -> Path:
 def evaluate(
     config: str | Path, dataset: str | Path, adapter: str | Path, candidate_out: str | Path, report_out: str | Path
 ) -> dict[str, Any]:
-    """`softprompt evaluate` the tuned prompt against the baselines.
+    """`softprompt evaluate` the tuned prompts (the winner, and the top-k as an ensemble) against
+    the baselines, with the winning trial's configuration that the tune step wrote.
 
     Copies the publishable folder to `candidate_out` and `report.html` to `report_out`; returns
     metrics.json's contents (the component logs its scalars and confusion matrix).
     """
     ensure_s3_credentials()
+    winner_config = Path(adapter) / "config.yaml"
     with tempfile.TemporaryDirectory(prefix="softprompt-evaluate-") as tmp:
         adapters = [arg for d in ranked_adapters(Path(adapter)) for arg in ("--adapter", str(d))]
-        run_cli(["evaluate", "-c", str(config), "--run-dir", tmp, "--data", str(dataset), *adapters, "--no-progress"])
+        run_cli(["evaluate", "-c", str(winner_config if winner_config.is_file() else config), "--run-dir", tmp,
+                 "--data", str(dataset), *adapters, "--no-progress"])
         copy_tree(Path(tmp) / "artifact", Path(candidate_out))
     Path(report_out).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(candidate_out) / "report.html", report_out)
@@ -262,18 +266,24 @@ def has_tune_command() -> bool:
     return proc.returncode == 0
 
 
-def collect_winners(run_dir: Path, out: Path, command: str) -> None:
+def collect_winners(run_dir: Path, out: Path, command: str, config: Path) -> None:
     """Copy the tuned prompts of a run folder to `out` as ranked folders `00/`, `01/`, ... (each
-    `adapter/` plus `train_history.json`, checkpoints left out) and `ranking.json`.
+    `adapter/` plus `train_history.json`, checkpoints left out), `ranking.json`, and `config.yaml`:
+    `config` with the winning trial's values, which evaluate uses (as `softprompt run` does).
 
     `softprompt tune` ranks its top `tune.top_k_ensemble` trials (`tune/tune_result.json`, best
     first; evaluate also scores them as an ensemble); `softprompt train` leaves one prompt in `train/`.
     """
+    cfg = load_config(config)
     if command == "tune":
+        from softprompt.distributed import with_params
+
         result = json.loads((run_dir / "tune" / "tune_result.json").read_text(encoding="utf-8"))
         trial_dirs = [Path(adapter).parent for adapter in result["ensemble"]]
+        cfg = with_params(cfg, (result.get("best") or {}).get("params") or {})
     else:
         result, trial_dirs = {}, [run_dir / "train"]
+    write_config(cfg, out / "config.yaml")
     names = [f"{rank:02d}" for rank in range(len(trial_dirs))]
     for name, trial_dir in zip(names, trial_dirs, strict=True):
         copy_tree(trial_dir, out / name, ignore=("checkpoint",))
