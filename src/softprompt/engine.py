@@ -92,11 +92,10 @@ def input_hidden(model: Any, prefix: Prefix, batch: Batch) -> torch.Tensor:
     if p.dim() == 2:
         p = p.unsqueeze(0).expand(B, -1, -1)
     n = p.shape[1]
-    if prefix.mask is None:
-        pmask = torch.ones(B, n, dtype=batch.attention_mask.dtype, device=device)
-    else:
-        pmask = prefix.mask.to(device=device, dtype=batch.attention_mask.dtype)
-    n_real = pmask.sum(1, keepdim=True)  # [B, 1]: each row's inputs start right after its own prefix
+    if prefix.mask is not None and not bool(prefix.mask.all()):
+        return _packed_hidden(body, p, prefix.mask.to(device), emb, batch)
+    pmask = torch.ones(B, n, dtype=batch.attention_mask.dtype, device=device)
+    n_real = pmask.sum(1, keepdim=True)  # [B, 1]
     pos = torch.cat(
         [torch.arange(n, device=device).unsqueeze(0).expand(B, n), n_real + torch.arange(L, device=device).unsqueeze(0)], 1
     )
@@ -107,6 +106,32 @@ def input_hidden(model: Any, prefix: Prefix, batch: Batch) -> torch.Tensor:
         use_cache=False,
     )
     hidden = out.last_hidden_state[:, n:]
+    return hidden
+
+
+def _packed_hidden(body: Any, p: torch.Tensor, pmask: torch.Tensor, emb: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Rows with prompts of different lengths, packed: `[prompt_b, input_b, pad...]`.
+
+    Padding each prompt to the longest one in the batch would add up to `n_max - n_b` masked
+    positions per row; packing puts every row's input right after its own prompt, so a mixed batch
+    costs what its longest row costs. Returns hidden states at the input positions, `[B, L, d]`.
+    """
+    B, L = batch.input_ids.shape
+    device = emb.device
+    n_b = pmask.long().sum(1)  # [B]
+    width = int((n_b + batch.lengths).max())
+    x = emb.new_zeros(B, p.shape[1] + L, emb.shape[-1])
+    rows = torch.arange(B, device=device).unsqueeze(1)
+    prompt_cols = torch.arange(p.shape[1], device=device).unsqueeze(0).expand(B, -1)
+    keep = pmask.bool()
+    x[rows.expand_as(prompt_cols)[keep], prompt_cols[keep]] = p[keep]
+    in_cols = n_b.unsqueeze(1) + torch.arange(L, device=device).unsqueeze(0)  # [B, L]
+    x[rows.expand(B, L), in_cols] = emb
+    x = x[:, :width]
+    mask = (torch.arange(width, device=device).unsqueeze(0) < (n_b + batch.lengths).unsqueeze(1)).to(batch.attention_mask.dtype)
+    pos = torch.arange(width, device=device).unsqueeze(0).expand(B, width)
+    out = body(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False)
+    hidden: torch.Tensor = out.last_hidden_state[rows.expand(B, L), in_cols.clamp(max=width - 1)]
     return hidden
 
 
