@@ -194,9 +194,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from softprompt import jobs, tune
 
     run_dir = _run_dir(cfg, args)
+    data = args.data or str(run_dir / "data")
+    if "://" not in data and not (Path(data) / "train.parquet").is_file():
+        from softprompt.errors import DataError
+
+        raise DataError(f"{data} holds no prepared dataset; run `softprompt ingest` first (same --run-dir) or pass --data")
     print(f"run folder: {run_dir}")
     print(jobs.init_ray(cfg.ray, args.ray_address))
-    result = tune.run(cfg, args.data or str(run_dir / "data"), run_dir, progress=not args.no_progress)
+    result = tune.run(cfg, data, run_dir, progress=not args.no_progress)
     print(result.table())
     print(f"best trial {result.best.trial_id}: {result.metric} {result.best.best_metric:.4f} with {result.best.params}")
     print("adapters (best first): " + ", ".join(str(d) for d in result.adapter_dirs))

@@ -283,12 +283,24 @@ def storage_location(rc: RayConfig, run_dir: str | Path) -> tuple[str, pyarrow.f
     name appended, so runs sharing a bucket do not mix. For `s3://` the path is returned without its
     scheme together with a pyarrow S3 filesystem carrying the custom endpoint.
     """
+    if rc.storage_path is None or not _is_s3(rc.storage_path):
+        _warn_if_not_shared(rc)
     if rc.storage_path is None:
         return str((Path(run_dir) / "ray").resolve()), None
     base = f"{rc.storage_path.rstrip('/')}/{Path(run_dir).name}"
     if _is_s3(base):
         return base[len("s3://") :], s3_filesystem(rc.storage_endpoint_url)
     return str(Path(base).resolve()), None
+
+
+def _warn_if_not_shared(rc: RayConfig) -> None:
+    import ray
+
+    if ray.is_initialized() and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        log.warning(
+            "ray.storage_path=%s is a local path on a multi-node cluster: every node must see it at the same "
+            "path (NFS); otherwise set ray.storage_path=s3://bucket/prefix", rc.storage_path or "<run folder>/ray",
+        )
 
 
 def checkpoint_uri(path: str, rc: RayConfig) -> str:

@@ -58,9 +58,25 @@ def init_ray(rc: RayConfig, address: str | None = None) -> str:
             ctx = ray.init(address=target, logging_level=logging.WARNING)
             what = f"joined Ray at {target}"
         else:
-            # The dashboard stays on: without it a trial stopped by ASHA can leak its placement group
-            # and starve the next trial, and our metrics reach Prometheus through its agent.
-            ctx = ray.init(num_cpus=rc.num_cpus, include_dashboard=rc.dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+            # The dashboard stays on: a trial that ASHA stops is killed with its Train controller,
+            # and Ray Train's PlacementGroupCleaner then frees the workers' placement group; it
+            # asks the dashboard (State API) whether the controller is gone. Without it the group
+            # leaks and starves the next trial. The cleaner finds the dashboard by auto-detection,
+            # which fails when several Ray instances run on one machine; naming our dashboard in
+            # RAY_API_SERVER_ADDRESS while Ray starts (its processes keep the variable) prevents
+            # that. This process drops it again: here it would redirect every Jobs API client.
+            port = _free_port() if rc.dashboard else None
+            own = port is not None and not os.environ.get("RAY_API_SERVER_ADDRESS")
+            if own:
+                os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            try:
+                ctx = ray.init(
+                    num_cpus=rc.num_cpus, include_dashboard=rc.dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
+                    logging_level=logging.WARNING,
+                )
+            finally:
+                if own:
+                    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
             what = "started a local Ray"
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise SoftpromptError(f"cannot connect to Ray at {target or 'a new local instance'}: {exc}; check --ray-address / ray.address") from exc
@@ -85,8 +101,10 @@ def submit(cfg: JobConfig, command: str, address: str, *, run_dir: str | None = 
     """Run `softprompt <command>` as a Ray Job and follow it to the end.
 
     The job gets the resolved config (overrides applied, local paths made absolute) as
-    `job_config.yaml` in its working directory, and `--ray-address auto`. Submitting the same
-    command again re-attaches; a job that failed or was stopped is retried as the next attempt.
+    `job_config.yaml` in its working directory, and `--ray-address auto`. Local paths must exist on
+    the cluster's head as well (same machine, or a shared filesystem); on a remote cluster use
+    `s3://` data, `publish.store` and `ray.storage_path`. Submitting the same command again
+    re-attaches; a job that failed or was stopped is retried as the next attempt.
 
     Args:
         cfg: The resolved configuration.
@@ -183,6 +201,14 @@ def _portable(cfg: JobConfig) -> JobConfig:
         raw["run_name"] = submission_id("run-name", cfg).rsplit("-", 1)[-1][:8]
         raw["run_name"] = f"{cfg.task.name}-{raw['run_name']}"
     return config_from_dict(raw)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _quote(arg: str) -> str:

@@ -32,7 +32,7 @@ from ray.tune import Callback
 
 from softprompt import distributed
 from softprompt.config import JobConfig, config_from_dict, replace, to_dict
-from softprompt.errors import SoftpromptError
+from softprompt.errors import ConfigError, SoftpromptError
 
 if TYPE_CHECKING:
     from softprompt.modeling import LoadedModel
@@ -147,14 +147,26 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, loaded: Lo
     )
     concurrency = max_concurrent_trials(cfg)
     view = LiveView(metric, max(1, t.num_samples), trial_cfg.train.steps, enabled=progress)
-    if t.resume and ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
+    sweep_file = Path(run_dir) / EXPERIMENT / "sweep_config.json"
+    sweep = {k: v for k, v in to_dict(trial_cfg).items() if k != "ray"}  # where it runs may change, not what
+    existing = ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
+    if existing and t.resume:
+        _check_same_sweep(sweep_file, sweep, experiment_uri)
         print(f"resuming the sweep in {experiment_uri} (finished trials are kept)")
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
+        if existing:
+            print(f"tune.resume=false: starting over; removing the earlier sweep in {experiment_uri}")
+            _remove(experiment_path, fs)
+        sweep_file.parent.mkdir(parents=True, exist_ok=True)
+        sweep_file.write_text(json.dumps(sweep, indent=1, sort_keys=True))
         if t.scheduler == "asha":
-            rounds = t.max_t or math.ceil(trial_cfg.train.steps / trial_cfg.train.eval_every)
+            rounds = math.ceil(trial_cfg.train.steps / trial_cfg.train.eval_every)
+            # Derived max_t is one past the last round: ASHA would otherwise "stop" every trial at
+            # its final report, killing its Train run instead of letting it shut down by itself.
+            max_t = t.max_t or rounds + 1
             scheduler: Any = ASHAScheduler(
-                time_attr="training_iteration", max_t=rounds, grace_period=min(t.grace_period, rounds), reduction_factor=t.reduction_factor
+                time_attr="training_iteration", max_t=max_t, grace_period=min(t.grace_period, max_t), reduction_factor=t.reduction_factor
             )
         else:
             scheduler = FIFOScheduler()
@@ -314,6 +326,37 @@ def _trial(config: dict[str, Any], *, cfg_dict: dict[str, Any], run_dir: str, da
 
     trial_id = ray.tune.get_context().get_trial_id()
     distributed.fit(config_from_dict(cfg_dict), "", run_dir, config, name=f"trial-{trial_id}", datasets=data, report_to_tune=True)
+
+
+def _check_same_sweep(path: Path, sweep: dict[str, Any], where: str) -> None:
+    """Tuner.restore continues the saved sweep whatever the config says now: refuse a changed one."""
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    now = json.loads(json.dumps(sweep, sort_keys=True))
+    changed = sorted(
+        f"{section}.{key}".rstrip(".") for section in set(before) | set(now)
+        for key in set(_as_dict(before.get(section))) | set(_as_dict(now.get(section)))
+        if _as_dict(before.get(section)).get(key) != _as_dict(now.get(section)).get(key)
+    )
+    if changed:
+        raise ConfigError(
+            f"the sweep in {where} was started with other values of {', '.join(changed)}; rerun with the "
+            "original config to resume it, pass tune.resume=false to start it over, or use another --run-dir"
+        )
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {"": value}
+
+
+def _remove(path: str, fs: Any) -> None:
+    if fs is None:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        fs.delete_dir(path)
 
 
 def _summaries(grid: Any, cfg: JobConfig, rc: Any) -> list[TrialSummary]:

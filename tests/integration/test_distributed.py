@@ -52,7 +52,7 @@ def test_two_workers_train_from_s3_data_and_checkpoint_to_s3(s3_run: dict[str, A
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="ray/run/train/")["Contents"]}
     assert {k.rsplit("/", 1)[-1] for k in keys} >= {"state.safetensors", "state.json"}
     # `checkpoints_to_keep` (2) bounds what stays in the bucket.
-    assert len({k.split("/")[3] for k in keys if k.split("/")[3].startswith("checkpoint_")}) <= cfg.ray.checkpoints_to_keep
+    assert len({k.split("/")[3] for k in keys if k.count("/") > 3 and k.split("/")[3].startswith("checkpoint_")}) <= cfg.ray.checkpoints_to_keep
     # Two ranks, each with its half of the training rows (Ray Data's equal split).
     n_train = len(read_split(tiny_task.data_dir, "train"))
     assert sorted((w["rank"], w["rows"]) for w in result.workers) == [(0, n_train // 2), (1, n_train // 2)]

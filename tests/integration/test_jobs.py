@@ -1,0 +1,126 @@
+"""`softprompt run --submit`: the whole job (ingest -> tune on Ray Train -> evaluate -> publish) as a
+Ray Job on a real `ray start --head` cluster on 127.0.0.1; a second submit re-attaches."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from softprompt import jobs
+from softprompt.cli import main
+
+if TYPE_CHECKING:
+    from conftest import TinyTask
+
+pytestmark = pytest.mark.slow
+
+
+def test_submission_ids_follow_the_config_and_the_data(tiny_task: TinyTask, tmp_path: Path) -> None:
+    cfg = tiny_task.config("run_name=a")
+    assert jobs.submission_id("run", cfg) == jobs.submission_id("run", tiny_task.config("run_name=a"))
+    assert jobs.submission_id("run", cfg).startswith("softprompt-run-a-")
+    assert jobs.submission_id("run", cfg) != jobs.submission_id("tune", cfg)
+    assert jobs.submission_id("run", cfg) != jobs.submission_id("run", tiny_task.config("run_name=a", "train.lr=0.1"))
+    # Same config, same path, different rows: a different job.
+    copy = tmp_path / "train.csv"
+    copy.write_text(tiny_task.csv_path.read_text())
+    before = jobs.submission_id("run", tiny_task.config("run_name=a", f"data.train={copy}"))
+    copy.write_text(tiny_task.csv_path.read_text() + "one more row,pos\n")
+    assert jobs.submission_id("run", tiny_task.config("run_name=a", f"data.train={copy}")) != before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture()
+def ray_head(tmp_path: Path) -> Iterator[str]:
+    """A separate Ray head (`ray start --head --block`) on loopback ports of its own; stopped by
+    signalling the process group it leads (never `ray stop`, which would stop every Ray here)."""
+    bin_dir = Path(sys.executable).parent
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
+    port, dashboard = _free_port(), _free_port()
+    ports = {
+        "--node-manager-port": _free_port(), "--object-manager-port": _free_port(), "--metrics-export-port": _free_port(),
+        "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(), "--ray-client-server-port": _free_port(),
+    }
+    cmd = [
+        str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+        "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items()),
+    ]
+    # The job's entrypoint is `softprompt ...`: this environment's scripts must come first on PATH.
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    # As softprompt.jobs.init_ray does for a local Ray: Ray Train's placement-group cleaner must find
+    # this cluster's dashboard, not the session's.
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+    log = (tmp_path / "ray-head.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                JobSubmissionClient(url).list_jobs()
+                break
+            except (ConnectionError, RuntimeError, ValueError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray start --head did not come up: {(tmp_path / 'ray-head.log').read_text()[-2000:]}") from None
+                time.sleep(1)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_run_submitted_as_a_ray_job_and_a_retry_reattaches(
+    tiny_task: TinyTask, ray_head: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    argv = [
+        "run", "--no-progress", *tiny_task.overrides,
+        "tune.num_samples=1", "ray.num_workers=1", "tune.top_k_ensemble=1",
+        f"workdir={tmp_path / 'runs'}", "run_name=job", f"publish.store={tmp_path / 'registry'}",
+        "--submit", ray_head,
+    ]
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "submitted job softprompt-run-job-" in out
+    assert "[2/4] tune (1 trials, 1 Ray Train workers each)" in out  # the job's log, streamed
+    assert "SUCCEEDED" in out.splitlines()[-1]
+    metrics = json.loads((tmp_path / "runs" / "job" / "artifact" / "metrics.json").read_text())
+    assert metrics["split"] == "eval" and metrics["tuned"]["accuracy"] == pytest.approx(0.8)
+    assert any((tmp_path / "registry").rglob("MANIFEST*"))
+
+    assert main(argv) == 0  # the same command again: no second job
+    again = capsys.readouterr().out
+    assert "re-attaching" in again and "SUCCEEDED" in again.splitlines()[-1]
+    jobs = [j for j in JobSubmissionClient(ray_head).list_jobs() if (j.submission_id or "").startswith("softprompt-run-job-")]
+    assert len(jobs) == 1

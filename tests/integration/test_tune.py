@@ -1,0 +1,124 @@
+"""Ray Tune on a real local Ray, every trial a two-worker Ray Train run: trials side by side with the
+top-k prompts exported for an ensemble; ASHA stopping a trial while the next one still starts; and a
+stopped driver resumed by `Tuner.restore` without redoing finished trials."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from softprompt import tune
+from softprompt.config import load_config
+from softprompt.errors import ConfigError
+from softprompt.prompts import ADAPTER_WEIGHTS
+
+if TYPE_CHECKING:
+    from conftest import TinyTask
+
+pytestmark = pytest.mark.slow
+
+GOOD, BAD = 0.3, 0.00001
+"""Learning rates: GOOD learns the label prior in 4 steps (eval 0.8); BAD stays at the start (0.2)."""
+
+
+def test_the_search_space_is_checked_before_any_trial_runs() -> None:
+    base = ["data.train=x.csv", "task.labels=[a, b]", "task.verbalizer={a: [' a'], b: [' b']}", "tune.num_samples=4"]
+    assert load_config(None, base).tune.search_space["train.lr"] == {"type": "loguniform", "low": 1e-3, "high": 3e-1}
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*base, "train.steps=8", "ray.controller_failure_limit=-1",
+                           "tune.search_space={train.lrate: {type: uniform, low: 0.1, high: 0.2}, "
+                           "train.warmup_steps: {type: choice, values: [0, 10]}, prompt.init: {type: choice, values: [words]}, "
+                           "train.lr: {type: loguniform, low: 0, high: 0.3}}"])
+    text = str(info.value)
+    assert "tune.search_space.train.lrate: not a tunable key; use one of" in text and "train.lr," in text
+    assert "tune.search_space.train.warmup_steps: value 10 gives train.warmup_steps=10 must be in [0, train.steps=8)" in text
+    assert "tune.search_space.prompt.init: value 'words' must be one of" in text
+    assert "tune.search_space.train.lr: type loguniform needs low > 0" in text
+    assert "ray.controller_failure_limit=-1 must be 0 or more" in text
+    domains = tune.search_space({"a.b": {"type": "int", "low": 1, "high": 3}, "c.d": {"type": "choice", "values": ["x"]}})
+    assert {domains["a.b"].sample() for _ in range(50)} == {1, 2, 3} and domains["c.d"].sample() == "x"
+
+
+def test_two_trials_of_two_workers_run_side_by_side(
+    tiny_task: TinyTask, ray_session: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tiny_task.config(
+        "tune.num_samples=2", "tune.scheduler=none", "tune.top_k_ensemble=2",
+        "tune.search_space={train.lr: {type: loguniform, low: 0.05, high: 0.3}, prompt.num_virtual_tokens: {type: choice, values: [4, 8]}}",
+    )
+    assert tune.max_concurrent_trials(cfg) == 2  # 4 CPUs / (2 workers x 1 CPU)
+
+    result = tune.run(cfg, tiny_task.data_dir, tmp_path / "run")
+
+    assert [t.status for t in result.trials] == ["finished", "finished"]
+    assert [t.workers for t in result.trials] == [2, 2]
+    assert result.total_steps == 2 * cfg.train.steps
+    assert result.trials[0].best_metric >= result.trials[1].best_metric
+    # The top-2 trials' prompts, best first, exported from their last reported checkpoints.
+    assert [d.parent.name for d in result.adapter_dirs] == [t.trial_id for t in result.trials]
+    assert all((d / ADAPTER_WEIGHTS).is_file() for d in result.adapter_dirs)
+    assert result.best_config.train.lr == result.best.params["train.lr"]
+    assert (tmp_path / "run" / "tune" / "tune_result.json").is_file()
+    out = capsys.readouterr().out
+    assert "started" in out and "finished at step 12" in out and "best accuracy" in out
+    # The trials gauge reaches Prometheus as ray_softprompt_trials{state=...}.
+    deadline, text = time.monotonic() + 30, ""
+    while time.monotonic() < deadline and 'ray_softprompt_trials{' not in text:
+        time.sleep(2)
+        text = urllib.request.urlopen(ray_session["metrics_url"], timeout=5).read().decode()
+    assert 'state="finished"' in text
+
+
+def test_asha_stops_a_trial_the_next_starts_and_a_stopped_driver_resumes(
+    tiny_task: TinyTask, ray_session: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    # Seed 1 draws GOOD, BAD, BAD: trial 1 sets the bar at the first rung, trial 2 falls below it.
+    overrides = [
+        *tiny_task.overrides, "tune.num_samples=3", "tune.max_concurrent_trials=1", "tune.reduction_factor=2",
+        "tune.grace_period=1", "tune.seed=1", "tune.top_k_ensemble=2",
+        f"tune.search_space={{train.lr: {{type: choice, values: [{GOOD}, {BAD:.5f}]}}}}",
+    ]
+    run_dir = tmp_path / "run"
+    # A driver of its own (the CLI, joined to the session's Ray), stopped with Ctrl-C once trial 3
+    # has started: by then ASHA has stopped trial 2.
+    command = [sys.executable, "-m", "softprompt.cli", "tune", *overrides, "--data", str(tiny_task.data_dir),
+               "--run-dir", str(run_dir), "--ray-address", ray.get_runtime_context().gcs_address]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first: list[str] = []
+    deadline = time.monotonic() + 400
+    assert driver.stdout is not None
+    for line in driver.stdout:
+        first.append(line)
+        if "_00002 started (" in line or time.monotonic() > deadline:
+            break
+    driver.send_signal(signal.SIGINT)
+    first.append(driver.communicate(timeout=180)[0])
+    out = "".join(first)
+    assert driver.returncode == 2 and "tune was interrupted with 1 trial(s) unfinished" in out, out[-3000:]
+    assert "stopped at step 4" in out  # ASHA stopped trial 2 ...
+    assert out.count(" started (") == 3  # ... and trial 3 started after it
+
+    result = tune.run(tiny_task.config(*overrides[len(tiny_task.overrides):]), tiny_task.data_dir, run_dir)  # Tuner.restore
+    second = capsys.readouterr().out
+
+    by_id = {t.trial_id.rsplit("_", 1)[-1]: t for t in result.trials}
+    assert by_id["00000"].params["train.lr"] == GOOD and by_id["00000"].status == "finished"
+    assert by_id["00000"].best_metric == pytest.approx(0.8)
+    assert by_id["00001"].params["train.lr"] == BAD and by_id["00001"].status == "stopped"
+    assert by_id["00001"].steps == 4  # stopped by ASHA at its first rung
+    assert by_id["00002"].steps >= 4
+    assert result.best.trial_id == by_id["00000"].trial_id
+    assert len(result.adapter_dirs) == 2
+    # The restored driver ran only the unfinished trial.
+    assert "resuming the sweep" in second
+    started = [line for line in second.splitlines() if " started (" in line]
+    assert len(started) == 1 and by_id["00002"].trial_id in started[0]
