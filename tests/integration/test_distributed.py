@@ -85,14 +85,14 @@ def test_worker_killed_mid_run_resumes_to_the_same_final_prompt(s3_run: dict[str
         deadline, workers = time.monotonic() + 240, []
         # The only live training workers are this run's (the reference run has ended).
         while time.monotonic() < deadline and len(workers) < 2:
-            workers = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]) if a.pid]
+            workers = [a.pid for a in list_actors(address=_state_api(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]) if a.pid]
             time.sleep(0.2)
         while time.monotonic() < deadline and not (storage / "checkpoint_000005").is_dir():
             time.sleep(0.05)
         os.kill(workers[-1], signal.SIGKILL)
         killed.append(workers[-1])
 
-    workers_before = len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
+    workers_before = len(list_actors(address=_state_api(), filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
     watcher = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
     watcher.start()
     with ThreadPoolExecutor(1) as pool:
@@ -102,10 +102,18 @@ def test_worker_killed_mid_run_resumes_to_the_same_final_prompt(s3_run: dict[str
     assert killed, "no worker was killed"
     assert resumed.metrics["step"] == cfg.train.steps
     # The killed run started a second worker group: four workers in all.
-    assert len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)) - workers_before == 4
+    assert len(list_actors(address=_state_api(), filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)) - workers_before == 4
     reference = distributed.download_checkpoint(s3_run["result"].checkpoint_uri, tmp_path / "reference", s3_run["cfg"].ray)
     ref = load_file(str(reference / "state.safetensors"))
     got = load_file(str(Path(resumed.checkpoint_uri) / "state.safetensors"))
     # The final prompt, the best prompt and the optimizer state all match bit for bit.
     for key in ("prompt.embedding.weight", "best_embeds", "opt.0.exp_avg", "opt.0.exp_avg_sq"):
         assert ref[key].equal(got[key]), key
+
+
+def _state_api() -> str:
+    """This session's dashboard: without an explicit address, the State API auto-detects the Ray
+    instance and fails when other Ray instances run on the same machine."""
+    import ray
+
+    return "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
