@@ -211,7 +211,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """`softprompt run`: the whole job from one config."""
     from softprompt import dataset as ds
-    from softprompt import evaluate, ingest, publish, train
+    from softprompt import ingest, train
     from softprompt.modeling import load_model
 
     cfg = _config(args)
@@ -232,23 +232,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     tr = train.run(cfg, loaded, ds.read_split(run_dir / "data", "train"), ds.read_split(run_dir / "data", "eval"), run_dir / "train", progress=progress)
     print(_train_line(tr))
     print("[3/4] evaluate (tuned prompt vs zero-shot and few-shot baselines)")
-    summary = _train_summary(tr)
-    ev = evaluate.run(cfg, loaded, run_dir / "data", [tr.adapter_dir], run_dir / "artifact", history=tr.history, train_summary=summary, progress=progress)
-    print(ev.table())
-    print(ev.verdict)
-    print(f"report: {ev.artifact_dir / 'report.html'}")
-    if args.no_publish:
-        return 0
-    print(f"[4/4] publish to {cfg.publish.store}")
-    pub = publish.run(cfg, ev.artifact_dir)
-    print(pub.message)
-    print(f"published: {pub.uri}")
-    return 0
+    return _evaluate_and_publish(cfg, loaded, run_dir, [tr.adapter_dir], tr.history, _train_summary(tr), args)
 
 
 def _run_on_ray(cfg: JobConfig, args: argparse.Namespace) -> int:
     """`softprompt run` through Ray: ingest -> tune (or one Ray Train run) -> evaluate -> publish."""
-    from softprompt import distributed, evaluate, ingest, jobs, publish
+    from softprompt import distributed, ingest, jobs
     from softprompt.modeling import load_model
 
     run_dir = _run_dir(cfg, args)
@@ -277,14 +266,23 @@ def _run_on_ray(cfg: JobConfig, args: argparse.Namespace) -> int:
         print(f"trained {summary['steps']} steps on {summary['workers']} workers ({summary['tokens_per_second']:.0f} tokens/s), best eval {fit.best_metric}")
     what = f"the winner (and the top-{len(adapters)} ensemble)" if len(adapters) > 1 else "the tuned prompt"
     print(f"[3/4] evaluate {what} vs zero-shot and few-shot baselines")
-    ev = evaluate.run(eval_cfg, loaded, run_dir / "data", adapters, run_dir / "artifact", history=history, train_summary=summary, progress=progress)
+    return _evaluate_and_publish(eval_cfg, loaded, run_dir, adapters, history, summary, args)
+
+
+def _evaluate_and_publish(
+    cfg: JobConfig, loaded: Any, run_dir: Path, adapters: list[Path], history: list[dict[str, Any]], summary: dict[str, Any], args: argparse.Namespace
+) -> int:
+    """The last two stages of `softprompt run`, shared by the plain and the Ray paths."""
+    from softprompt import evaluate, publish
+
+    ev = evaluate.run(cfg, loaded, run_dir / "data", adapters, run_dir / "artifact", history=history, train_summary=summary, progress=not args.no_progress)
     print(ev.table())
     print(ev.verdict)
     print(f"report: {ev.artifact_dir / 'report.html'}")
     if args.no_publish:
         return 0
     print(f"[4/4] publish to {cfg.publish.store}")
-    pub = publish.run(eval_cfg, ev.artifact_dir)
+    pub = publish.run(cfg, ev.artifact_dir)
     print(pub.message)
     print(f"published: {pub.uri}")
     return 0
