@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Tuning efficiency: ASHA early stopping vs running every trial to the end, same trials.
+
+    python benchmarks/tune_efficiency.py             # SST-2 (../shared/data), smollm2-135m, 12 trials
+    python benchmarks/tune_efficiency.py --quick     # smoke run: tiny random model, 200 rows, 4 trials
+
+Both sweeps draw the same trials (random search, same `tune.seed`, same search space: learning
+rate, prompt length, init, warmup, seed) on the same prepared data, each trial a Ray Train run.
+The only difference is `tune.scheduler`: `asha` (stop a trial whose best eval accuracy trails at a
+rung) or `none`. Printed: each sweep's best eval accuracy (what both rank on), the winners' test
+accuracy, optimizer steps summed over trials, and the ratio. Target: ASHA within 1 point of the full
+sweep's best with at most 40% of its steps.
+
+The eval accuracy is measured on `train.eval_max_rows` rows of SST-2's dev split, the test accuracy
+on the whole test split (1,821 rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from softprompt import dataset as ds  # noqa: E402
+from softprompt import ingest, jobs, tune  # noqa: E402
+from softprompt.config import JobConfig, load_config  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny random model, 200 rows, 4 short trials")
+    p.add_argument("--trials", type=int, help="trials per sweep (default 12; quick 4)")
+    p.add_argument("--steps", type=int, help="optimizer steps of a full trial (default 180; quick 12)")
+    p.add_argument("--eval-every", type=int, help="steps per evaluation round = ASHA time unit (default 20; quick 4)")
+    p.add_argument("--reduction-factor", type=int, default=3)
+    p.add_argument("--grace-period", type=int, default=1, help="evaluation rounds before ASHA may stop a trial")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument("--seed", type=int, default=0, help="tune.seed: which trials are drawn")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench-tune"), help="work folder")
+    p.add_argument("--json", default=None, help="write the results here (default benchmarks/results/tune_efficiency[_quick].json)")
+    args = p.parse_args()
+    os.chdir(ROOT)  # the config's data paths are relative to the repository root
+
+    out = Path(args.out) / ("quick" if args.quick else "full")
+    cfg = _config(args, out)
+    print(f"preparing SST-2 in {out / 'data'} ...", flush=True)
+    prepared = ingest.run(cfg, out / "data")
+    print(prepared.summary())
+    print(jobs.init_ray(cfg.ray))
+    from softprompt.modeling import load_model
+
+    loaded = load_model(cfg.model)
+    rows: dict[str, Any] = {}
+    for scheduler in ("asha", "none"):
+        sweep_cfg = _config(args, out, f"tune.scheduler={scheduler}", f"run_name={scheduler}")
+        t0 = time.perf_counter()
+        result = tune.run(sweep_cfg, out / "data", out / scheduler, loaded=loaded, progress=True)
+        seconds = time.perf_counter() - t0
+        print(result.table())
+        rows[scheduler] = {
+            "best_eval_accuracy": result.best.best_metric, "best_trial": result.best.trial_id, "best_params": result.best.params,
+            "test_accuracy": _test_accuracy(sweep_cfg, loaded, out / "data", result.adapter_dirs[0]),
+            "total_steps": result.total_steps, "seconds": round(seconds, 1),
+            "by_status": result.summary()["by_status"],
+        }
+    asha, full = rows["asha"], rows["none"]
+    gap = (full["best_eval_accuracy"] - asha["best_eval_accuracy"]) * 100
+    ratio = asha["total_steps"] / full["total_steps"]
+    report = {
+        "benchmark": "tune_efficiency", "quick": args.quick, "machine": _machine(), "model": cfg.model.name,
+        "trials": cfg.tune.num_samples, "steps_per_trial": cfg.train.steps, "eval_every": cfg.train.eval_every,
+        "eval_rows": cfg.train.eval_max_rows, "reduction_factor": args.reduction_factor, "grace_period": args.grace_period,
+        "workers_per_trial": args.workers, "asha": asha, "all_to_the_end": full,
+        "gap_points": round(gap, 2), "steps_ratio": round(ratio, 3),
+        "target_met": gap <= 1.0 and ratio <= 0.40,
+    }
+    print()
+    print("| sweep | best eval acc | winner test acc | steps | wall |")
+    print("|---|---|---|---|---|")
+    for name, r in (("ASHA", asha), ("every trial to the end", full)):
+        print(f"| {name} | {r['best_eval_accuracy'] * 100:.1f} | {r['test_accuracy'] * 100:.1f} | {r['total_steps']} | {r['seconds']:.0f}s |")
+    print(f"\nASHA: {gap:+.1f} points behind the full sweep's best, with {ratio:.0%} of its steps "
+          f"(target: <= 1 point, <= 40%): {'met' if report['target_met'] else 'NOT met'}")
+    path = Path(args.json or ROOT / "benchmarks" / "results" / f"tune_efficiency{'_quick' if args.quick else ''}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
+    print(f"results: {path}")
+    return 0
+
+
+def _overrides(args: argparse.Namespace, out: Path) -> list[str]:
+    trials = args.trials or (4 if args.quick else 12)
+    steps = args.steps or (12 if args.quick else 180)
+    every = args.eval_every or (4 if args.quick else 20)
+    common = [
+        "data.max_train_rows=200" if args.quick else "data.max_train_rows=null",
+        "data.max_eval_rows=60" if args.quick else "data.max_eval_rows=null",
+        "data.max_test_rows=200" if args.quick else "data.max_test_rows=null",
+        f"train.steps={steps}", f"train.eval_every={every}", f"train.eval_max_rows={60 if args.quick else 200}",
+        "train.batch_size=8" if args.quick else "train.batch_size=16",
+        f"tune.num_samples={trials}", "tune.search=random", f"tune.seed={args.seed}",
+        f"tune.reduction_factor={args.reduction_factor}", f"tune.grace_period={args.grace_period}", "tune.top_k_ensemble=1",
+        f"ray.num_workers={args.workers}", f"workdir={out}",
+        "tune.search_space={train.lr: {type: loguniform, low: 0.001, high: 0.3}, prompt.num_virtual_tokens: {type: choice, values: [8, 16, 32]}, "
+        "prompt.init: {type: choice, values: [label_words, text, vocab]}, train.warmup_steps: {type: choice, values: [0, 2, 4]}, "
+        "train.seed: {type: choice, values: [0, 1, 2]}}",
+    ]
+    if args.quick:
+        common.append(f"model.name={_tiny_model(out)}")
+    return common
+
+
+def _config(args: argparse.Namespace, out: Path, *extra: str) -> JobConfig:
+    return load_config(ROOT / "configs" / "sst2.yaml", [*_overrides(args, out), *extra])
+
+
+def _tiny_model(out: Path) -> Path:
+    from softprompt.testing import build_tiny_model
+
+    path = out / "tiny-model"
+    if not (path / "config.json").is_file():
+        build_tiny_model(path, ["Review: a fine film\nSentiment: positive negative"])
+    return path
+
+
+def _test_accuracy(cfg: JobConfig, loaded: Any, data_dir: Path, adapter: Path) -> float:
+    from softprompt.metrics import classification_metrics
+    from softprompt.prompts import load_prompt_embeddings
+    from softprompt.scoring import score_split, shared_prefix
+    from softprompt.tasks import build_verbalizer
+
+    split = "test" if ds.has_split(data_dir, "test") else "eval"
+    rows = ds.read_split(data_dir, split)
+    verbalizer = build_verbalizer(cfg.task, loaded.tokenizer)
+    embeds = load_prompt_embeddings(adapter).to(loaded.device)
+    scores = score_split(loaded.model, shared_prefix(loaded.model, embeds), rows.input_ids, verbalizer, loaded.tokenizer.pad_token_id, 32)
+    return float(classification_metrics(rows.label_ids, scores.argmax(1).tolist(), None, list(verbalizer.labels)).accuracy)
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
