@@ -73,7 +73,7 @@ def main() -> int:
         rows.append({
             "case": label, "workers": workers, "threads_per_worker": threads,
             "tokens_per_second": round(sum(x["tokens_per_second"] for x in w), 1),
-            "train_seconds": round(max(x["seconds"] for x in w), 1), "wall_seconds": round(wall, 1),
+            "train_seconds": round(max(x["seconds"] for x in w), 2), "wall_seconds": round(wall, 1),
             "peak_rss_mb_per_worker": [round(x["peak_rss_mb"]) for x in w],
         })
         print(f"{label}: {rows[-1]['tokens_per_second']:.0f} tokens/s", flush=True)
@@ -83,7 +83,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for r in rows:
         rss = ", ".join(f"{m} MiB" for m in r["peak_rss_mb_per_worker"])
-        print(f"| {r['case']} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / base:.2f}x | {r['train_seconds']:.0f}s | {r['wall_seconds']:.0f}s | {rss} |")
+        print(f"| {r['case']} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / base:.2f}x | {r['train_seconds']:.1f}s | {r['wall_seconds']:.0f}s | {rss} |")
     report = {"benchmark": "scaling", "quick": args.quick, "machine": _machine(), "model": cfg.model.name, "steps": steps,
               "global_batch": args.batch_size, "cases": rows}
     path = Path(args.json or ROOT / "benchmarks" / "results" / f"scaling{'_quick' if args.quick else ''}.json")

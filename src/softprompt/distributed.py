@@ -130,6 +130,7 @@ def fit(
         run_cfg = with_params(cfg, trial_overrides)
     else:
         run_cfg = replace(cfg, trial_overrides) if trial_overrides else cfg
+    run_cfg = _absolute_paths(run_cfg)
     rc = run_cfg.ray
     # Train V2 takes the start timeout from the environment of the process that calls fit().
     os.environ[START_TIMEOUT_ENV] = str(rc.worker_start_timeout_s)
@@ -176,6 +177,16 @@ def fit(
     )
 
 
+def _absolute_paths(cfg: JobConfig) -> JobConfig:
+    """Workers do not start in this process's working directory: make relative local paths of the
+    model and an initial prompt absolute (they must exist at the same path on every node)."""
+    params = {}
+    for key, value in (("model.name", cfg.model.name), ("prompt.init_from", cfg.prompt.init_from)):
+        if value and "://" not in value and not Path(value).is_absolute() and Path(value).exists():
+            params[key] = str(Path(value).resolve())
+    return with_params(cfg, params) if params else cfg
+
+
 def with_params(cfg: JobConfig, params: dict[str, Any]) -> JobConfig:
     """A copy of `cfg` with `{"section.key": value}` set (typed values, not YAML text) and validated."""
     raw = to_dict(cfg)
@@ -185,51 +196,42 @@ def with_params(cfg: JobConfig, params: dict[str, Any]) -> JobConfig:
     return config_from_dict(raw)
 
 
-def open_datasets(cfg: JobConfig, data_uri: str | Path, *, materialize: bool = False) -> dict[str, Any]:
-    """The prepared dataset for `fit`: `train` as a Ray Dataset, `eval` as a `Split` in memory.
+def open_datasets(cfg: JobConfig, data_uri: str | Path) -> dict[str, Any]:
+    """The prepared dataset for `fit`: `train` as a Ray Dataset in the object store, `eval` as a
+    `Split` in memory. Read once on the driver (Tune shares it between trials).
 
-    `s3://` prefixes are read with pyarrow's S3 filesystem (`ray.storage_endpoint_url`, else
-    `data.s3_endpoint_url`, as its endpoint). A local folder is read on this node only, so it need
-    not exist on the others.
-
-    Args:
-        cfg: The job configuration.
-        data_uri: Ingest's output folder or `s3://` prefix.
-        materialize: Read the training rows into Ray's object store now (Tune does, once for all
-            trials); otherwise each run's workers read them as they start.
+    `s3://` prefixes go through `ray.data.read_parquet` with pyarrow's S3 filesystem
+    (`ray.storage_endpoint_url`, else `data.s3_endpoint_url`, as its endpoint), materialized now:
+    Ray Data lists files in a task that needs a whole CPU, which a cluster full of training workers
+    would never give it. A local folder is read here and handed to Ray Data with `from_arrow`: it
+    exists on this machine only, and no Ray task (which may run on another node) could read it.
 
     Raises:
         DataError: when a split file is missing or unreadable (says to run ingest).
     """
     import pyarrow.parquet as pq
-    import ray
     import ray.data
 
     from softprompt.dataset import Split
 
     uri = str(data_uri).rstrip("/")
-    remote_args: dict[str, Any] = {}
+    fs: pyarrow.fs.FileSystem | None = None
     if _is_s3(uri):
-        fs: pyarrow.fs.FileSystem | None = s3_filesystem(cfg.ray.storage_endpoint_url or cfg.data.s3_endpoint_url)
-        base = uri[len("s3://") :]
+        fs, base = s3_filesystem(cfg.ray.storage_endpoint_url or cfg.data.s3_endpoint_url), uri[len("s3://") :]
     else:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        fs, base = None, str(Path(uri).resolve())
-        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        base = str(Path(uri).resolve())
     for split in ("train", "eval"):
         if not _exists(fs, f"{base}/{split}.parquet"):
             raise DataError(f"{uri}/{split}.parquet does not exist; run `softprompt ingest` first or check --data")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # Reading token ids is I/O: zero CPUs, so the read never waits behind training workers that
-    # hold every CPU of the cluster.
-    train_ds = ray.data.read_parquet(f"{base}/train.parquet", filesystem=fs, num_cpus=0, ray_remote_args=remote_args)
-    if materialize:
-        train_ds = train_ds.materialize()
     try:
+        if fs is not None:
+            train_ds = ray.data.read_parquet(f"{base}/train.parquet", filesystem=fs).materialize()
+        else:
+            train_ds = ray.data.from_arrow(pq.read_table(f"{base}/train.parquet"))
         eval_rows = Split.from_table(pq.read_table(f"{base}/eval.parquet", filesystem=fs))
     except OSError as exc:
-        raise DataError(f"cannot read {uri}/eval.parquet: {exc}") from exc
+        raise DataError(f"cannot read the prepared dataset at {uri}: {exc}") from exc
     return {"train": train_ds, "eval": eval_rows}
 
 

@@ -138,7 +138,7 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, loaded: Lo
     storage_path, fs = distributed.storage_location(cfg.ray, run_dir)
     experiment_path = f"{storage_path}/{EXPERIMENT}"
     experiment_uri = distributed.checkpoint_uri(experiment_path, cfg.ray)
-    data = distributed.open_datasets(cfg, data_uri, materialize=True)
+    data = distributed.open_datasets(cfg, data_uri)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_trial, cfg_dict=to_dict(trial_cfg), run_dir=str(run_dir), data=data),
         # The trial function only drives its TorchTrainer; the workers reserve the real resources.
