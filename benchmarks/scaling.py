@@ -60,7 +60,7 @@ def main() -> int:
         overrides.append(f"model.name={tiny}")
     cfg = load_config(ROOT / "configs" / "sst2.yaml", overrides)
     print(ingest.run(cfg, out / "data").summary())
-    print(jobs.init_ray(cfg.ray))
+    print(jobs.init_ray(cfg.ray, tuning=False))
     rows = []
     for label, workers, threads in CASES:
         case = load_config(ROOT / "configs" / "sst2.yaml", [*overrides, f"ray.num_workers={workers}", f"ray.cpus_per_worker={threads}"])

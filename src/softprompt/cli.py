@@ -246,7 +246,7 @@ def _run_on_ray(cfg: JobConfig, args: argparse.Namespace) -> int:
     print("[1/4] ingest")
     data = ingest.run(cfg, run_dir / "data", progress=progress)
     print(data.summary())
-    print(jobs.init_ray(cfg.ray, args.ray_address))
+    print(jobs.init_ray(cfg.ray, args.ray_address, tuning=cfg.tune.num_samples >= 1))
     loaded = load_model(cfg.model)
     if cfg.tune.num_samples >= 1:
         from softprompt import tune

@@ -292,7 +292,8 @@ class TuneConfig:
     divided by what one trial's workers reserve."""
     top_k_ensemble: int = 3
     """The best k trials' prompts are also scored as an ensemble (mean label log-probability), and
-    the ensemble wins when it scores higher on the eval split; 1 turns ensembles off."""
+    the ensemble wins when it scores higher on the eval split; 1 turns ensembles off. Members
+    besides the best are trials that ran to the end (not stopped early by ASHA)."""
     resume: bool = True
     """Continue an interrupted sweep of the same run folder (`Tuner.restore`: finished trials are
     kept, unfinished ones resume from their last checkpoint); False starts the sweep over."""

@@ -33,6 +33,7 @@ from ray.tune import Callback
 from softprompt import distributed
 from softprompt.config import JobConfig, config_from_dict, replace, to_dict
 from softprompt.errors import ConfigError, SoftpromptError
+from softprompt.jobs import TRIAL_CPU
 
 if TYPE_CHECKING:
     from softprompt.modeling import LoadedModel
@@ -132,6 +133,10 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, loaded: Lo
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     t = cfg.tune
+    # Trials run in their own working directories: every local path they get must be absolute.
+    run_dir = Path(run_dir).resolve()
+    if cfg.ray.storage_path and "://" not in cfg.ray.storage_path:
+        cfg = replace(cfg, [f"ray.storage_path={Path(cfg.ray.storage_path).resolve()}"])
     metric = t.metric or cfg.evaluate.primary_metric
     # Trials keep (and ASHA compares) their best prompt by the metric the sweep ranks on.
     trial_cfg = replace(cfg, [f"evaluate.primary_metric={metric}"])
@@ -142,8 +147,7 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, loaded: Lo
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_trial, cfg_dict=to_dict(trial_cfg), run_dir=str(run_dir), data=data),
         # The trial function only drives its TorchTrainer; the workers reserve the real resources.
-        # (An all-zero request is refused by Tune, hence a sliver of a CPU.)
-        {"cpu": 0.01},
+        {"cpu": TRIAL_CPU},
     )
     concurrency = max_concurrent_trials(cfg)
     view = LiveView(metric, max(1, t.num_samples), trial_cfg.train.steps, enabled=progress)
@@ -211,7 +215,10 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, loaded: Lo
 
         loaded = load_model(cfg.model)
     adapters: list[Path] = []
-    for tr in usable[: t.top_k_ensemble]:
+    # The ensemble's other members are trials that ran to the end: a prompt ASHA stopped early is
+    # half-trained and drags the mean down.
+    members = [usable[0], *[tr for tr in usable[1:] if tr.status == "finished"]][: t.top_k_ensemble]
+    for tr in members:
         assert tr.checkpoint_uri is not None
         adapters.append(distributed.export_adapter(_with_params(trial_cfg, tr.params), loaded, tr.checkpoint_uri, Path(run_dir) / EXPERIMENT / tr.trial_id))
     history_path = adapters[0].parent / "train_history.json"
@@ -243,17 +250,17 @@ def search_space(spec: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def max_concurrent_trials(cfg: JobConfig) -> int:
-    """`tune.max_concurrent_trials`, or what the cluster holds: its CPUs (GPUs with `ray.use_gpu`)
-    divided by one trial's workers' reservation, at least 1 and at most `tune.num_samples`."""
+    """`tune.max_concurrent_trials`, or what the cluster holds: its CPUs (and GPUs with `ray.use_gpu`)
+    divided by one trial's reservation (its workers' and its own sliver of a CPU), at least 1 and
+    at most `tune.num_samples`."""
     import ray
 
     if cfg.tune.max_concurrent_trials is not None:
         return cfg.tune.max_concurrent_trials
     rc, total = cfg.ray, ray.cluster_resources()
+    fits = total.get("CPU", 0.0) / (rc.num_workers * rc.cpus_per_worker + TRIAL_CPU)
     if rc.use_gpu:
-        fits = total.get("GPU", 0.0) / (rc.num_workers * (rc.gpus_per_worker or 1.0))
-    else:
-        fits = total.get("CPU", 0.0) / (rc.num_workers * rc.cpus_per_worker)
+        fits = min(fits, total.get("GPU", 0.0) / (rc.num_workers * (rc.gpus_per_worker or 1.0)))
     return max(1, min(int(fits + 1e-9), max(1, cfg.tune.num_samples)))
 
 

@@ -63,7 +63,8 @@ def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> TinyTask:
 
 @pytest.fixture(scope="session")
 def ray_session(s3_endpoint: str) -> Iterator[dict[str, str]]:
-    """One local Ray for the whole session (4 logical CPUs: two trials of two workers), dashboard on.
+    """One local Ray for the whole session (5 logical CPUs: two trials of two workers side by side, each trial
+    also holding a sliver of a CPU for itself), dashboard on.
 
     It starts after the S3 endpoint so its worker processes inherit the endpoint's credentials.
     """
@@ -72,7 +73,7 @@ def ray_session(s3_endpoint: str) -> Iterator[dict[str, str]]:
     from softprompt.config import RayConfig
     from softprompt.jobs import init_ray
 
-    init_ray(RayConfig(num_cpus=4, dashboard=True))
+    init_ray(RayConfig(num_cpus=5, dashboard=True))
     try:
         yield {"metrics_url": f"http://127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}/metrics"}
     finally:

@@ -53,7 +53,7 @@ def test_two_trials_of_two_workers_run_side_by_side(
         "tune.num_samples=2", "tune.scheduler=none", "tune.top_k_ensemble=2",
         "tune.search_space={train.lr: {type: loguniform, low: 0.05, high: 0.3}, prompt.num_virtual_tokens: {type: choice, values: [4, 8]}}",
     )
-    assert tune.max_concurrent_trials(cfg) == 2  # 4 CPUs / (2 workers x 1 CPU)
+    assert tune.max_concurrent_trials(cfg) == 2  # 5 CPUs // (2 workers x 1 CPU + a trial's 0.01)
 
     result = tune.run(cfg, tiny_task.data_dir, tmp_path / "run")
 
@@ -122,3 +122,15 @@ def test_asha_stops_a_trial_the_next_starts_and_a_stopped_driver_resumes(
     assert "resuming the sweep" in second
     started = [line for line in second.splitlines() if " started (" in line]
     assert len(started) == 1 and by_id["00002"].trial_id in started[0]
+
+
+def test_a_run_that_cannot_fit_the_local_ray_is_refused_with_the_settings_to_change(ray_session: dict[str, str]) -> None:
+    from softprompt.config import RayConfig
+    from softprompt.errors import SoftpromptError
+    from softprompt.jobs import check_fits
+
+    check_fits(RayConfig(num_workers=2, cpus_per_worker=2.0), tuning=True)  # 4.01 of 5 CPUs
+    with pytest.raises(SoftpromptError) as err:
+        check_fits(RayConfig(num_workers=3, cpus_per_worker=2.0), tuning=True)
+    text = str(err.value)
+    assert "needs 6.01 logical CPUs" in text and "has 5" in text and "ray.num_cpus" in text and "ray.num_workers" in text
