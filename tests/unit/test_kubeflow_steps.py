@@ -105,23 +105,20 @@ def test_unknown_launcher(tmp_path: Path) -> None:
         steps.tune(_config(tmp_path), tmp_path, tmp_path / "out", launcher="k8s")
 
 
-@pytest.mark.parametrize("has_tune", [True, False], ids=["tune", "train-fallback"])
-def test_local_tune_runs_tune_or_falls_back_to_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, has_tune: bool) -> None:
-    """launcher=local: `softprompt tune` with no Ray address when the package has it (checked at
-    run time), else `softprompt train`; the resource parameters reach the config it reads."""
-    monkeypatch.setattr(steps, "has_tune_command", lambda: has_tune)
+def test_local_tune_runs_softprompt_tune(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """launcher=local: `softprompt tune` with no Ray address; the resource parameters reach the
+    config it reads, and the winning trial's values the config evaluate reads."""
     seen: dict[str, object] = {}
 
     def fake_cli(args: list[str], *, capture: bool = False) -> str:
         run_dir = Path(args[args.index("--run-dir") + 1])
         seen.update(command=list(args), ray=load_config(args[args.index("-c") + 1]).ray, data=sorted(p.name for p in (run_dir / "data").iterdir()))
-        trial = run_dir / ("tune/t1" if args[0] == "tune" else "train")
+        trial = run_dir / "tune" / "t1"
         (trial / "adapter").mkdir(parents=True)
         (trial / "adapter" / "adapter_model.safetensors").write_bytes(b"w")
         (trial / "train_history.json").write_text('[{"step": 4, "eval_metric": 0.5}]')
-        if args[0] == "tune":
-            (run_dir / "tune" / "tune_result.json").write_text(
-                json.dumps({"ensemble": [str(trial / "adapter")], "best": {"trial_id": "t1", "params": {"train.lr": 0.2}}}))
+        (run_dir / "tune" / "tune_result.json").write_text(
+            json.dumps({"ensemble": [str(trial / "adapter")], "best": {"trial_id": "t1", "params": {"train.lr": 0.2}}}))
         return ""
 
     monkeypatch.setattr(steps, "run_cli", fake_cli)
@@ -131,10 +128,10 @@ def test_local_tune_runs_tune_or_falls_back_to_train(tmp_path: Path, monkeypatch
     out = tmp_path / "winners"
     meta = steps.tune(_config(tmp_path), dataset, out, num_workers=3, gpus_per_worker=0, cpus_per_worker=2)
     command = seen["command"]
-    assert isinstance(command, list) and command[0] == ("tune" if has_tune else "train") and "--ray-address" not in command
+    assert isinstance(command, list) and command[:2] == ["tune", "-c"] and "--ray-address" not in command
     ray = seen["ray"]
     assert (ray.num_workers, ray.use_gpu, ray.cpus_per_worker) == (3, False, 2.0)  # type: ignore[attr-defined]
     assert seen["data"] == ["train.parquet"]
     assert steps.ranked_adapters(out) == [out / "00" / "adapter"]
-    assert meta["command"] == command[0] and meta["best_eval_metric"] == 0.5
-    assert load_config(out / "config.yaml").train.lr == (0.2 if has_tune else 0.03)
+    assert meta["command"] == "tune" and meta["best_trial"] == "t1" and meta["best_eval_metric"] == 0.5
+    assert load_config(out / "config.yaml").train.lr == 0.2

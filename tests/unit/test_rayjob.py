@@ -4,7 +4,7 @@ path against a fake JobSubmissionClient, and the scratch-store hand-over of the 
 The fake Kubernetes API is an HTTP server on 127.0.0.1 that records the requests of the real
 kubernetes client (configured with Configuration(host=...)) and answers the custom-object and pod
 calls like an API server: create -> 201, create again -> 409 AlreadyExists, get -> the scripted
-status transitions, the submitter pod list and its log.
+status transitions, delete -> 200, the submitter pod list and its log.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -66,6 +67,11 @@ class FakeKube:
             if self.on_status:
                 self.on_status(status)
             return 200, {**self.objects[name], "status": status}, "application/json"
+        if method == "DELETE" and path.startswith(RAYJOBS + "/"):
+            name = path.rsplit("/", 1)[-1]
+            if self.objects.pop(name, None) is None:
+                return 404, _status_obj(404, "NotFound"), "application/json"
+            return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}, "application/json"
         if method == "GET" and path == f"/api/v1/namespaces/{NS}/pods":
             name = query["labelSelector"].removeprefix("job-name=")
             pods = [{"metadata": {"name": f"{name}-x7k2p", "namespace": NS}}] if name in self.objects else []
@@ -104,7 +110,7 @@ def kube() -> Iterator[tuple[Any, FakeKube]]:
             self.end_headers()
             self.wfile.write(data)
 
-        do_GET = do_POST = _serve
+        do_GET = do_POST = do_DELETE = _serve
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -213,6 +219,92 @@ def test_create_errors_and_timeouts_are_explained(kube: tuple[Any, FakeKube]) ->
         run_rayjob(build_rayjob("b", "x"), NS, api_client=api, poll_seconds=0, timeout_seconds=0, echo=lambda _: None)
 
 
+def test_the_submitter_log_streams_while_the_job_runs(kube: tuple[Any, FakeKube]) -> None:
+    """Each poll prints the whole lines the driver added since the last one, before the job ends;
+    a line still being written waits for the next poll, and nothing is printed twice."""
+    api, fake = kube
+    pieces = iter(["driver: starting\n", "driver: trial 1 acc", "uracy=0.8\n", "driver: done"])
+    fake.log = ""
+
+    def driver_writes(status: dict[str, Any]) -> None:
+        fake.log += next(pieces, "")
+
+    fake.statuses, fake.on_status = [RUNNING, RUNNING, RUNNING, SUCCEEDED], driver_writes
+    lines: list[str] = []
+    result = run_rayjob(build_rayjob("softprompt-tune-stream", "x"), NS, api_client=api, poll_seconds=0, echo=lines.append)
+    assert result.logs == "driver: starting\ndriver: trial 1 accuracy=0.8\ndriver: done"
+    done = next(i for i, line in enumerate(lines) if "jobStatus=SUCCEEDED" in line)
+    assert lines.index("driver: starting") < lines.index("driver: trial 1 accuracy=0.8") < done < lines.index("driver: done")
+    text = "\n".join(lines)
+    assert text.count("driver: starting") == 1 and text.count("----- log of softprompt-tune-stream-x7k2p") == 1
+
+
+def test_a_rotated_submitter_log_is_printed_from_its_new_start() -> None:
+    reads = ["one\ntwo\n", "one\ntwo\nthree\n", "four\n"]  # the kubelet rotated it before the third read
+    pod = type("Pod", (), {"metadata": type("Meta", (), {"name": "submitter-x"})})
+
+    class Core:
+        def list_namespaced_pod(self, namespace: str, label_selector: str) -> Any:
+            return type("PodList", (), {"items": [pod]})
+
+        def read_namespaced_pod_log(self, name: str, namespace: str) -> str:
+            return reads.pop(0) if len(reads) > 1 else reads[0]
+
+    lines: list[str] = []
+    log = rayjob.SubmitterLog(Core(), NS, "softprompt-tune-x", lines.append)
+    for _ in range(3):
+        log.poll()
+    assert log.finish() == "four\n"
+    assert lines[1:] == ["one\ntwo", "three", "four", "----- end of the log of submitter-x -----"]
+
+
+@pytest.fixture()
+def sigterm_guard() -> Iterator[Callable[..., None]]:
+    """A SIGTERM handler that fails the test instead of killing pytest where the code under test
+    installs none; the test's previous handler comes back afterwards."""
+
+    def no_handler(signum: int, frame: Any) -> None:
+        raise AssertionError("SIGTERM arrived and the code under test installed no handler")
+
+    previous = signal.signal(signal.SIGTERM, no_handler)
+    try:
+        yield no_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_while_waiting_deletes_the_rayjob(kube: tuple[Any, FakeKube], sigterm_guard: Callable[..., None]) -> None:
+    """KFP cancels a run by sending its step SIGTERM: the RayJob (and so its Ray cluster) is deleted
+    before the step exits with 143, and the step's own SIGTERM handler is restored."""
+    api, fake = kube
+    sent: list[int] = []
+
+    def cancel_once(status: dict[str, Any]) -> None:  # the step is cancelled while the job runs
+        if not sent:
+            sent.append(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    fake.statuses, fake.on_status = [RUNNING], cancel_once
+    body = build_rayjob(job_name("run-cancelled"), "x")
+    name = body["metadata"]["name"]
+    lines: list[str] = []
+    with pytest.raises(SystemExit) as info:
+        run_rayjob(body, NS, api_client=api, poll_seconds=0.05, timeout_seconds=30, echo=lines.append)
+    assert info.value.code == 143
+    assert ("DELETE", f"{RAYJOBS}/{name}") in [(method, path) for method, path, _, _ in fake.requests]
+    assert name not in fake.objects
+    assert any(line.startswith(f"deleted RayJob {NS}/{name}") for line in lines)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard
+
+
+def test_no_sigterm_handler_is_left_behind(kube: tuple[Any, FakeKube], sigterm_guard: Callable[..., None]) -> None:
+    api, fake = kube
+    fake.statuses = [SUCCEEDED]
+    run_rayjob(build_rayjob("softprompt-tune-ok", "x"), NS, api_client=api, poll_seconds=0, echo=lambda _: None)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard
+    assert "DELETE" not in [r[0] for r in fake.requests]  # a job that ends on its own is left to its TTL
+
+
 def _tiny_config(tmp_path: Path, registry: str) -> Path:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({
@@ -264,12 +356,9 @@ def test_tune_step_hands_over_through_the_scratch_store(kube: tuple[Any, FakeKub
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": 1}
 
 
-@pytest.mark.parametrize("has_tune", [True, False], ids=["tune", "train-fallback"])
-def test_remote_driver_pulls_tunes_and_pushes_the_winners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, has_tune: bool) -> None:
+def test_remote_driver_pulls_tunes_and_pushes_the_winners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The driver side: config and data from the scratch store, `softprompt tune --ray-address
-    auto` (or `softprompt train` where the image has no tune command), the ranked winners back
-    without their checkpoints."""
-    monkeypatch.setattr(steps, "has_tune_command", lambda: has_tune)
+    auto`, the ranked winners back without their checkpoints."""
     scratch = tmp_path / "scratch"
     config = _tiny_config(tmp_path, str(tmp_path / "registry"))
     remote.push_file(steps.write_config(load_config(config), tmp_path / "tune.yaml"), str(scratch / "config"), None)
@@ -278,37 +367,33 @@ def test_remote_driver_pulls_tunes_and_pushes_the_winners(tmp_path: Path, monkey
     commands: list[list[str]] = []
 
     def fake_cli(args: list[str], *, capture: bool = False) -> str:
-        """Leave what `softprompt tune` (two ranked trials) or `softprompt train` leaves."""
+        """Leave what `softprompt tune` leaves: two ranked trials."""
         commands.append(list(args))
         run_dir = Path(args[args.index("--run-dir") + 1])
         assert (run_dir / "data" / "train.parquet").read_bytes() == b"PAR1"
-        trials = [run_dir / "tune" / "t2", run_dir / "tune" / "t1"] if args[0] == "tune" else [run_dir / "train"]
+        trials = [run_dir / "tune" / "t2", run_dir / "tune" / "t1"]
         for trial in trials:
             for rel in ("adapter/adapter_config.json", "checkpoint/state.safetensors", "train_history.json"):
                 (trial / rel).parent.mkdir(parents=True, exist_ok=True)
                 (trial / rel).write_text(json.dumps({"trial": trial.name}))
-        if args[0] == "tune":
-            (run_dir / "tune" / "tune_result.json").write_text(json.dumps({
-                "ensemble": [str(t / "adapter") for t in trials], "trials": [],
-                "best": {"trial_id": "t2", "params": {"train.lr": 0.05, "prompt.num_virtual_tokens": 8}}}))
+        (run_dir / "tune" / "tune_result.json").write_text(json.dumps({
+            "ensemble": [str(t / "adapter") for t in trials], "trials": [],
+            "best": {"trial_id": "t2", "params": {"train.lr": 0.05, "prompt.num_virtual_tokens": 8}}}))
         return ""
 
     monkeypatch.setattr(steps, "run_cli", fake_cli)
     assert remote.main(["--scratch", str(scratch)]) == 0
-    assert commands[0][0] == ("tune" if has_tune else "train") and commands[0][1] == "-c"
-    assert commands[0][2].endswith("tune.yaml")
-    if commands[0][0] == "tune":
-        assert commands[0][-2:] == ["--ray-address", "auto"]
+    (command,) = commands
+    assert command[:2] == ["tune", "-c"] and command[2].endswith("tune.yaml")
+    assert command[-2:] == ["--ray-address", "auto"]
     winners = scratch / "winners"
-    names = ["00", "01"] if commands[0][0] == "tune" else ["00"]
     assert sorted(p.relative_to(winners).as_posix() for p in winners.rglob("*") if p.is_file()) == sorted(
-        [*(f"{n}/{f}" for n in names for f in ("adapter/adapter_config.json", "train_history.json")), "ranking.json", "config.yaml"])
+        [*(f"{n}/{f}" for n in ("00", "01") for f in ("adapter/adapter_config.json", "train_history.json")),
+         "ranking.json", "config.yaml"])
     best = load_config(winners / "config.yaml")  # what evaluate runs with
-    if commands[0][0] == "tune":  # best first, as tune ranked them, and the winner's values
-        assert json.loads((winners / "00" / "adapter" / "adapter_config.json").read_text()) == {"trial": "t2"}
-        assert (best.train.lr, best.prompt.num_virtual_tokens) == (0.05, 8)
-    else:
-        assert best == load_config(config)
+    # best first, as tune ranked them, and the winner's values
+    assert json.loads((winners / "00" / "adapter" / "adapter_config.json").read_text()) == {"trial": "t2"}
+    assert (best.train.lr, best.prompt.num_virtual_tokens) == (0.05, 8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,6 +409,9 @@ class FakeJobs:
     submitted: list[dict[str, Any]] = field(default_factory=list)
     not_ready: int = 0
     """Submissions answered like a head whose job agent has not registered yet."""
+    cancel: bool = False
+    """Send this process SIGTERM while the log streams (KFP cancelling the step)."""
+    stopped: list[str] = field(default_factory=list)
 
     def list_jobs(self) -> list[Any]:
         return [type("Job", (), {"submission_id": sid, "status": status}) for sid, status in self.existing.items()]
@@ -340,7 +428,15 @@ class FakeJobs:
         for line in (f"{sid}: starting\n", f"{sid}: best trial accuracy=0.9\n"):
             await asyncio.sleep(0)
             yield line
+            if self.cancel:
+                os.kill(os.getpid(), signal.SIGTERM)
+                await asyncio.sleep(5)  # the handler interrupts this
         self.existing[sid] = self.final
+
+    def stop_job(self, sid: str) -> bool:
+        self.stopped.append(sid)
+        self.existing[sid] = "STOPPED"
+        return True
 
     def get_job_status(self, sid: str) -> str:
         return self.existing[sid]
@@ -396,3 +492,14 @@ def test_jobs_api_retries_while_the_head_is_not_ready(monkeypatch: pytest.Monkey
     assert "not ready to take jobs yet" in lines[0] and "retrying in 1s" in lines[0]
     with pytest.raises(RayLaunchError, match=r"could not submit .* try again later"):
         run_ray_job("http://head:8265", "x", "softprompt-tune-2", client=FakeJobs(not_ready=99), echo=lambda _: None)
+
+
+def test_jobs_api_sigterm_stops_the_submission(sigterm_guard: Callable[..., None], capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = FakeJobs(cancel=True)
+    lines: list[str] = []
+    with pytest.raises(SystemExit) as info:
+        run_ray_job("http://head:8265", "x", "softprompt-tune-1", client=jobs, echo=lines.append)
+    assert info.value.code == 143 and jobs.stopped == ["softprompt-tune-1"]
+    assert "stopped Ray job softprompt-tune-1" in lines
+    assert "softprompt-tune-1: starting" in capsys.readouterr().out  # the log streamed up to the cancel
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard

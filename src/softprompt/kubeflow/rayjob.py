@@ -8,8 +8,10 @@ Both paths share the rules that make a pipeline step safe to retry:
   it instead of starting a second one;
 - success is the Ray job's own status (`status.jobStatus` of the RayJob, the Jobs API's status),
   never the exit code of a submitter pod;
-- the driver's log goes into the step's log, so the KFP UI shows it (the RayJob submitter pod's
-  log when the job ends; a Jobs API submission's log as it runs, via `softprompt.jobs.follow`).
+- the driver's log goes into the step's log as it runs, so the KFP UI shows it (the RayJob
+  submitter pod's log, read again every poll; a Jobs API submission's log via `softprompt.jobs.follow`);
+- a SIGTERM while the step waits (KFP cancelling the run) deletes the RayJob or stops the Jobs API
+  submission before the step exits, so a cancelled run leaves no Ray cluster holding GPUs.
 
 A RayJob also carries `activeDeadlineSeconds` (a hard wall-clock limit) and
 `ttlSecondsAfterFinished` with `shutdownAfterJobFinishes`, so its Ray cluster is torn down even
@@ -19,11 +21,14 @@ them). Kubernetes and Ray clients are passed in by tests and built lazily otherw
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import re
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +42,7 @@ IMAGE = f"ghcr.io/softprompt/softprompt:{__version__}"
 RAY_VERSION = "2.60.0"
 """Must match the ray wheel in the image (Dockerfile RAY_VERSION)."""
 POLL_SECONDS = 10.0
-"""How often a RayJob's status is read."""
+"""How often a RayJob's status and its submitter's log are read."""
 SUBMIT_WAIT_SECONDS = 120.0
 """How long a Jobs API submission is retried while the head asks to "try again later"."""
 Echo = Callable[[str], None]
@@ -165,8 +170,11 @@ def run_rayjob(
     timeout_seconds: float | None = None,
     echo: Echo = print,
 ) -> RayJobResult:
-    """Create the RayJob (or re-attach to it on 409), wait for a final `status.jobStatus`, print
-    the submitter's log, and return how it ended.
+    """Create the RayJob (or re-attach to it on 409), print the submitter's log as it grows until
+    a final `status.jobStatus`, and return how it ended.
+
+    A SIGTERM while it waits (KFP cancelling the run) deletes the RayJob, and with it its Ray
+    cluster, and exits with status 143.
 
     Raises:
         RayLaunchError: on a create error other than 409, a FAILED/STOPPED job, a failed
@@ -177,40 +185,53 @@ def run_rayjob(
     from kubernetes.client.exceptions import ApiException
 
     api = api_client or _kube_api_client()
-    custom, core = k8s.CustomObjectsApi(api), k8s.CoreV1Api(api)
+    custom = k8s.CustomObjectsApi(api)
     name = body["metadata"]["name"]
     where = f"RayJob {namespace}/{name}"
-    attached = False
-    try:
-        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-        echo(f"created {where}")
-    except ApiException as exc:
-        if exc.status != 409:
-            hint = " (is the pipeline's ServiceAccount bound to infra/rbac's Role?)" if exc.status == 403 else ""
-            raise RayLaunchError(f"could not create {where}: HTTP {exc.status} {exc.reason}{hint}") from exc
-        attached = True
-        echo(f"{where} already exists (this step is a retry): re-attaching to it")
+    log = SubmitterLog(k8s.CoreV1Api(api), namespace, name, echo)
     limit = timeout_seconds if timeout_seconds is not None else body["spec"].get("activeDeadlineSeconds", 43200) + 900
     deadline = time.monotonic() + limit
-    seen: tuple[str, str] | None = None
-    while True:
+
+    def delete() -> None:
         try:
-            status = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status") or {}
+            custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, _request_timeout=10)
+            echo(f"deleted {where}; KubeRay removes its Ray cluster")
         except ApiException as exc:
-            raise RayLaunchError(f"could not read {where}: HTTP {exc.status} {exc.reason}") from exc
-        job_status, deployment = str(status.get("jobStatus", "")), str(status.get("jobDeploymentStatus", ""))
-        if (job_status, deployment) != seen:
-            seen = (job_status, deployment)
-            echo(f"{where}: jobStatus={job_status or '-'} jobDeploymentStatus={deployment or '-'}"
-                 + (f" cluster={status['rayClusterName']}" if status.get("rayClusterName") else ""))
-        if job_status in TERMINAL_JOB_STATUSES or deployment == "Failed":
-            break
-        if time.monotonic() > deadline:
-            logs = submitter_logs(core, namespace, name, echo)
-            raise RayLaunchError(f"{where} still {job_status or deployment or 'pending'} after {limit:.0f}s; "
-                                 f"see `kubectl -n {namespace} describe rayjob {name}`" + ("" if logs else " (no submitter log yet)"))
-        time.sleep(POLL_SECONDS if poll_seconds is None else poll_seconds)
-    logs = submitter_logs(core, namespace, name, echo)
+            if exc.status != 404:
+                echo(f"warning: could not delete {where}: HTTP {exc.status} {exc.reason}; "
+                     f"run `kubectl -n {namespace} delete rayjob {name}`")
+
+    with _on_sigterm(delete, where, echo):
+        attached = False
+        try:
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+            echo(f"created {where}")
+        except ApiException as exc:
+            if exc.status != 409:
+                hint = " (is the pipeline's ServiceAccount bound to infra/rbac's Role?)" if exc.status == 403 else ""
+                raise RayLaunchError(f"could not create {where}: HTTP {exc.status} {exc.reason}{hint}") from exc
+            attached = True
+            echo(f"{where} already exists (this step is a retry): re-attaching to it")
+        seen: tuple[str, str] | None = None
+        while True:
+            try:
+                status = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status") or {}
+            except ApiException as exc:
+                raise RayLaunchError(f"could not read {where}: HTTP {exc.status} {exc.reason}") from exc
+            job_status, deployment = str(status.get("jobStatus", "")), str(status.get("jobDeploymentStatus", ""))
+            if (job_status, deployment) != seen:
+                seen = (job_status, deployment)
+                echo(f"{where}: jobStatus={job_status or '-'} jobDeploymentStatus={deployment or '-'}"
+                     + (f" cluster={status['rayClusterName']}" if status.get("rayClusterName") else ""))
+            if job_status in TERMINAL_JOB_STATUSES or deployment == "Failed":
+                break
+            log.poll()
+            if time.monotonic() > deadline:
+                logs = log.finish()
+                raise RayLaunchError(f"{where} still {job_status or deployment or 'pending'} after {limit:.0f}s; "
+                                     f"see `kubectl -n {namespace} describe rayjob {name}`" + ("" if logs else " (no submitter log yet)"))
+            time.sleep(POLL_SECONDS if poll_seconds is None else poll_seconds)
+        logs = log.finish()
     if job_status != "SUCCEEDED":
         reason = status.get("reason") or "-"
         raise RayLaunchError(
@@ -220,24 +241,54 @@ def run_rayjob(
     return RayJobResult(name, namespace, job_status, deployment, attached, logs)
 
 
-def submitter_logs(core: Any, namespace: str, name: str, echo: Echo = print) -> str:
-    """Print and return the log of the RayJob's submitter pod(s) (the Kubernetes Job of the same
-    name, which follows the driver's output). Unreadable logs only warn."""
-    from kubernetes.client.exceptions import ApiException
+class SubmitterLog:
+    """The log of a RayJob's submitter pod(s) (the Kubernetes Job of the RayJob's name, which
+    follows the driver's output), printed as it grows.
 
-    chunks: list[str] = []
-    try:
-        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
-        for pod in pods:
-            text = core.read_namespaced_pod_log(pod.metadata.name, namespace)
-            text = text if isinstance(text, str) else str(text)
-            echo(f"----- log of {pod.metadata.name} (RayJob submitter) -----\n{text.rstrip()}\n----- end of log -----")
-            chunks.append(text)
-        if not pods:
-            echo(f"no submitter pod of {name} found (job-name={name}); see `kubectl -n {namespace} get pods`")
-    except ApiException as exc:
-        echo(f"warning: could not read the submitter log of {namespace}/{name}: HTTP {exc.status} {exc.reason}")
-    return "".join(chunks)
+    Each `poll` reads the whole log again and prints the complete lines added since the last one;
+    `finish` prints the rest and returns the text. Reading a log fails while its pod starts, so
+    read errors only warn, and only in `finish`.
+    """
+
+    def __init__(self, core: Any, namespace: str, name: str, echo: Echo = print) -> None:
+        self.core, self.namespace, self.name, self.echo = core, namespace, name, echo
+        self.texts: dict[str, str] = {}
+        """Each submitter pod's log as last read."""
+        self.printed: dict[str, int] = {}
+        """How many characters of each pod's log are printed."""
+
+    def poll(self, *, final: bool = False) -> None:
+        """Print what the submitter logged since the last poll (whole lines unless `final`)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            for pod in self.core.list_namespaced_pod(self.namespace, label_selector=f"job-name={self.name}").items:
+                text = self.core.read_namespaced_pod_log(pod.metadata.name, self.namespace)
+                self._show(pod.metadata.name, text if isinstance(text, str) else str(text), final)
+        except ApiException as exc:
+            if final:
+                self.echo(f"warning: could not read the submitter log of {self.namespace}/{self.name}: HTTP {exc.status} {exc.reason}")
+
+    def finish(self) -> str:
+        """Print the rest of the log and return all of it."""
+        self.poll(final=True)
+        for pod in self.texts:
+            self.echo(f"----- end of the log of {pod} -----")
+        if not self.texts:
+            self.echo(f"no submitter pod of {self.name} found (job-name={self.name}); see `kubectl -n {self.namespace} get pods`")
+        return "".join(self.texts.values())
+
+    def _show(self, pod: str, text: str, final: bool) -> None:
+        if pod not in self.printed:
+            self.echo(f"----- log of {pod} (RayJob submitter: the driver's output) -----")
+        if len(text) < self.printed.get(pod, 0):  # shorter than before: the kubelet rotated it
+            self.printed[pod] = 0
+        start = self.printed.setdefault(pod, 0)
+        stop = len(text) if final else text.rfind("\n", start) + 1  # a line still being written waits for the next poll
+        if stop > start:
+            self.echo(text[start:stop].rstrip("\n"))
+            self.printed[pod] = stop
+        self.texts[pod] = text
 
 
 def run_ray_job(
@@ -255,6 +306,7 @@ def run_ray_job(
     Same conventions as `softprompt tune --submit` (`softprompt.jobs`): a submission that exists
     and is pending, running or done is re-attached to; one that FAILED or was STOPPED is retried
     under the next attempt id (`<id>-r2`, ...), so a retried step resumes rather than re-fails.
+    A SIGTERM while it follows the job (KFP cancelling the run) stops the job and exits with 143.
 
     Raises:
         RayLaunchError: when the cluster cannot be reached or the job does not succeed.
@@ -278,7 +330,8 @@ def run_ray_job(
         echo(f"Ray job {sid} at {address} exists ({existing[sid]}; this step is a retry): re-attaching")
     else:
         attached = _submit(client, address, sid, entrypoint, runtime_env, echo)
-    code = jobs.follow(client, sid)  # streams the driver's log into this step's log
+    with _on_sigterm(lambda: _stop(client, sid, echo), f"Ray job {sid} at {address}", echo):
+        code = jobs.follow(client, sid)  # streams the driver's log into this step's log
     status = str(client.get_job_status(sid))
     if code != 0:
         raise RayLaunchError(f"Ray job {sid} at {address} ended {status}; the driver's log is above")
@@ -286,6 +339,46 @@ def run_ray_job(
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+class _Cancelled(BaseException):
+    """Raised by the SIGTERM handler; a BaseException so that no `except Exception` swallows it."""
+
+
+@contextlib.contextmanager
+def _on_sigterm(cleanup: Callable[[], None], what: str, echo: Echo) -> Iterator[None]:
+    """Run `cleanup` and exit with 143 (128 + SIGTERM) when SIGTERM arrives inside the block.
+
+    KFP stops a cancelled run's pods with SIGTERM; without this the Ray job would run on, holding
+    its GPUs until `activeDeadlineSeconds`. A pod evicted mid-run gets SIGTERM too, so its retry
+    starts the job afresh instead of re-attaching: the price of never leaving an orphan. Python
+    sets signal handlers only in the main thread; elsewhere the block runs unguarded.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def cancel(signum: int, frame: Any) -> None:
+        raise _Cancelled(signum)
+
+    previous = signal.signal(signal.SIGTERM, cancel)
+    try:
+        yield
+    except _Cancelled:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        echo(f"SIGTERM: the step is being cancelled; stopping {what}")
+        cleanup()
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _stop(client: Any, sid: str, echo: Echo) -> None:
+    try:
+        client.stop_job(sid)
+        echo(f"stopped Ray job {sid}")
+    except (ConnectionError, RuntimeError) as exc:
+        echo(f"warning: could not stop Ray job {sid}: {exc}; run `ray job stop {sid}`")
 
 
 def _submit(client: Any, address: str, sid: str, entrypoint: str, runtime_env: dict[str, Any] | None, echo: Echo) -> bool:

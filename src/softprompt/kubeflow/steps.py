@@ -108,10 +108,10 @@ def tune(
     """Tune the soft prompt; `adapter_out` gets the winners ranked best first (`collect_winners`).
 
     Args:
-        launcher: `local` runs `softprompt tune` on this machine (a local Ray; plain `softprompt
-            train` when the installed package has no tune command); `ray-jobs` submits to the
-            Ray cluster whose dashboard is `ray_address`; `rayjob` creates a KubeRay RayJob (a
-            fresh cluster for this run) in `ray_namespace` (default: this pod's namespace).
+        launcher: `local` runs `softprompt tune` on this machine (a local Ray); `ray-jobs`
+            submits to the Ray cluster whose dashboard is `ray_address`; `rayjob` creates a
+            KubeRay RayJob (a fresh cluster for this run) in `ray_namespace` (default: this pod's
+            namespace).
         run_id: The pipeline run id; the Ray job's name derives from it, so a retried step
             re-attaches to its job instead of starting a second one.
         num_workers, gpus_per_worker, cpus_per_worker: Ray Train workers per trial and what each
@@ -249,40 +249,29 @@ def promote(config: str | Path, task: str, base_model: str, version: str, *, rea
 
 
 # --------------------------------------------------------------------------------------------------
-# Tuned prompts: which command tunes, and the ranked winners it leaves (here or on the Ray head)
+# Tuned prompts: the tune command, and the ranked winners it leaves (here or on the Ray head)
 
 
 def tune_command(config: Path, run_dir: Path, *, ray_address: str = "") -> list[str]:
-    """`softprompt tune` when the installed package has it (checked now, by running
-    `softprompt tune --help`), else `softprompt train` with the config's single setting."""
-    if not has_tune_command():
-        return ["train", "-c", str(config), "--run-dir", str(run_dir), "--no-progress"]
+    """The `softprompt tune` arguments for a run folder (`--ray-address` joins a running cluster)."""
     return ["tune", "-c", str(config), "--run-dir", str(run_dir), *(["--ray-address", ray_address] if ray_address else [])]
 
 
-def has_tune_command() -> bool:
-    """Whether `softprompt tune --help` succeeds in this environment."""
-    proc = subprocess.run([sys.executable, "-m", "softprompt.cli", "tune", "--help"], capture_output=True, check=False)
-    return proc.returncode == 0
-
-
 def collect_winners(run_dir: Path, out: Path, command: str, config: Path) -> None:
-    """Copy the tuned prompts of a run folder to `out` as ranked folders `00/`, `01/`, ... (each
-    `adapter/` plus `train_history.json`, checkpoints left out), `ranking.json`, and `config.yaml`:
-    `config` with the winning trial's values, which evaluate uses (as `softprompt run` does).
+    """Copy the tuned prompts of a `softprompt tune` run folder to `out` as ranked folders `00/`,
+    `01/`, ... (each `adapter/` plus `train_history.json`, checkpoints left out), `ranking.json`,
+    and `config.yaml`: `config` with the winning trial's values, which evaluate uses (as
+    `softprompt run` does).
 
-    `softprompt tune` ranks its top `tune.top_k_ensemble` trials (`tune/tune_result.json`, best
-    first; evaluate also scores them as an ensemble); `softprompt train` leaves one prompt in `train/`.
+    Tune ranks its top `tune.top_k_ensemble` trials in `tune/tune_result.json`, best first;
+    evaluate also scores them as an ensemble. `command` (the CLI command that ran) is recorded
+    in `ranking.json`.
     """
-    cfg = load_config(config)
-    if command == "tune":
-        from softprompt.distributed import with_params
+    from softprompt.distributed import with_params
 
-        result = json.loads((run_dir / "tune" / "tune_result.json").read_text(encoding="utf-8"))
-        trial_dirs = [Path(adapter).parent for adapter in result["ensemble"]]
-        cfg = with_params(cfg, (result.get("best") or {}).get("params") or {})
-    else:
-        result, trial_dirs = {}, [run_dir / "train"]
+    result = json.loads((run_dir / "tune" / "tune_result.json").read_text(encoding="utf-8"))
+    trial_dirs = [Path(adapter).parent for adapter in result["ensemble"]]
+    cfg = with_params(load_config(config), (result.get("best") or {}).get("params") or {})
     write_config(cfg, out / "config.yaml")
     names = [f"{rank:02d}" for rank in range(len(trial_dirs))]
     for name, trial_dir in zip(names, trial_dirs, strict=True):
