@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tuning efficiency: ASHA early stopping vs running every trial to the end, same trials.
 
-    python benchmarks/tune_efficiency.py             # SST-2 (../shared/data), smollm2-135m, 12 trials
+    python benchmarks/tune_efficiency.py             # SST-2 (../shared/data), smollm2-135m, 12 trials x 72 steps
     python benchmarks/tune_efficiency.py --quick     # smoke run: tiny random model, 200 rows, 4 trials
 
 Both sweeps draw the same trials (random search, same `tune.seed`, same search space: learning
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -38,8 +39,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny random model, 200 rows, 4 short trials")
     p.add_argument("--trials", type=int, help="trials per sweep (default 12; quick 4)")
-    p.add_argument("--steps", type=int, help="optimizer steps of a full trial (default 180; quick 12)")
-    p.add_argument("--eval-every", type=int, help="steps per evaluation round = ASHA time unit (default 20; quick 4)")
+    p.add_argument("--steps", type=int, help="optimizer steps of a full trial (default 72; quick 12)")
+    p.add_argument("--eval-every", type=int, help="steps per evaluation round = ASHA time unit (default 8; quick 4)")
+    p.add_argument("--batch-size", type=int, help="rows per step (default 8)")
     p.add_argument("--reduction-factor", type=int, default=3)
     p.add_argument("--grace-period", type=int, default=1, help="evaluation rounds before ASHA may stop a trial")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
@@ -78,8 +80,11 @@ def main() -> int:
         "benchmark": "tune_efficiency", "quick": args.quick, "machine": _machine(), "model": cfg.model.name,
         "trials": cfg.tune.num_samples, "steps_per_trial": cfg.train.steps, "eval_every": cfg.train.eval_every,
         "eval_rows": cfg.train.eval_max_rows, "reduction_factor": args.reduction_factor, "grace_period": args.grace_period,
-        "workers_per_trial": args.workers, "asha": asha, "all_to_the_end": full,
+        "batch_size": cfg.train.batch_size, "workers_per_trial": args.workers, "asha": asha, "all_to_the_end": full,
         "gap_points": round(gap, 2), "steps_ratio": round(ratio, 3),
+        # Each trial's workers are separate processes (one model copy each, ~1 GiB for SmolLM2);
+        # this is the driver's own peak (the model it exports and scores the winners with).
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "target_met": gap <= 1.0 and ratio <= 0.40,
     }
     print()
@@ -98,14 +103,14 @@ def main() -> int:
 
 def _overrides(args: argparse.Namespace, out: Path) -> list[str]:
     trials = args.trials or (4 if args.quick else 12)
-    steps = args.steps or (12 if args.quick else 180)
-    every = args.eval_every or (4 if args.quick else 20)
+    steps = args.steps or (12 if args.quick else 72)
+    every = args.eval_every or (4 if args.quick else 8)
     common = [
         "data.max_train_rows=200" if args.quick else "data.max_train_rows=null",
         "data.max_eval_rows=60" if args.quick else "data.max_eval_rows=null",
         "data.max_test_rows=200" if args.quick else "data.max_test_rows=null",
         f"train.steps={steps}", f"train.eval_every={every}", f"train.eval_max_rows={60 if args.quick else 200}",
-        "train.batch_size=8" if args.quick else "train.batch_size=16",
+        f"train.batch_size={args.batch_size or 8}",
         f"tune.num_samples={trials}", "tune.search=random", f"tune.seed={args.seed}",
         f"tune.reduction_factor={args.reduction_factor}", f"tune.grace_period={args.grace_period}", "tune.top_k_ensemble=1",
         f"ray.num_workers={args.workers}", f"workdir={out}",

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", help="YAML config (defaults apply where it is silent)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as train.lr=0.1")
         p.add_argument("--run-dir", help="run folder (default <workdir>/<run_name>)")
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars (the one-line-per-event view of tune trials stays: it reads well in logs)")
         return p
 
     p = stage("validate", "check a config (and that its data files exist) without running anything")
@@ -201,7 +201,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise DataError(f"{data} holds no prepared dataset; run `softprompt ingest` first (same --run-dir) or pass --data")
     print(f"run folder: {run_dir}")
     print(jobs.init_ray(cfg.ray, args.ray_address))
-    result = tune.run(cfg, data, run_dir, progress=not args.no_progress)
+    result = tune.run(cfg, data, run_dir)  # the trial view prints even with --no-progress
     print(result.table())
     print(f"best trial {result.best.trial_id}: {result.metric} {result.best.best_metric:.4f} with {result.best.params}")
     print("adapters (best first): " + ", ".join(str(d) for d in result.adapter_dirs))
@@ -252,7 +252,7 @@ def _run_on_ray(cfg: JobConfig, args: argparse.Namespace) -> int:
         from softprompt import tune
 
         print(f"[2/4] tune ({cfg.tune.num_samples} trials, {cfg.ray.num_workers} Ray Train workers each) on {cfg.model.name}")
-        tr = tune.run(cfg, run_dir / "data", run_dir, loaded=loaded, progress=progress)
+        tr = tune.run(cfg, run_dir / "data", run_dir, loaded=loaded)
         print(tr.table())
         eval_cfg, adapters, history, summary = tr.best_config, tr.adapter_dirs, tr.history, {"tune": tr.summary()}
     else:

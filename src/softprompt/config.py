@@ -8,6 +8,8 @@ one `ConfigError` that lists them all.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -242,6 +244,9 @@ class RayConfig:
     leak its placement group and starve the next trial, and the metrics exporter runs beside it."""
     checkpoints_to_keep: int = 2
     """Checkpoints kept per training run (the best by eval metric, and always the latest)."""
+    train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    """Level of Ray Train's own logs on the console (`INFO` shows every worker's every report and
+    worker-group start; Ray's log files keep every level whatever this says)."""
 
 
 _DEFAULT_SEARCH_SPACE: dict[str, dict[str, Any]] = {
@@ -293,7 +298,7 @@ class TuneConfig:
     top_k_ensemble: int = 3
     """The best k trials' prompts are also scored as an ensemble (mean label log-probability), and
     the ensemble wins when it scores higher on the eval split; 1 turns ensembles off. Members
-    besides the best are trials that ran to the end (not stopped early by ASHA)."""
+    besides the best are trials that ran to the end, then (only if too few did) trials ASHA stopped."""
     resume: bool = True
     """Continue an interrupted sweep of the same run folder (`Tuner.restore`: finished trials are
     kept, unfinished ones resume from their last checkpoint); False starts the sweep over."""
@@ -351,11 +356,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     source = str(path) if path is not None else None
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file", source)
+        p = str(path)
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(_read_config_text(p))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p} is not valid YAML: {exc}", source) from exc
         if loaded is None:
@@ -571,6 +574,25 @@ def _spec_problems(where: str, spec: Any) -> list[str]:
     return problems
 
 
+def _read_config_text(path: str) -> str:
+    """A config file's text: a local path, or `s3://bucket/key` (endpoint from AWS_ENDPOINT_URL,
+    credentials from the standard AWS chain) for jobs that start on a cluster."""
+    if path.startswith("s3://"):
+        from softprompt.storage import StoreError, open_store
+
+        prefix, _, name = path.rpartition("/")
+        if not name or prefix == "s3:/":
+            raise ConfigError(f"config URI {path} names no object; write it as s3://BUCKET/path/config.yaml", path)
+        try:
+            return open_store(prefix, endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None).get_bytes(name).decode("utf-8")
+        except (StoreError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}", path) from exc
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass an existing YAML file (or an s3:// URI)", path)
+    return p.read_text(encoding="utf-8")
+
+
 # --------------------------------------------------------------------------------------------------
 # Internals: a small typed builder (no third-party schema library, so error messages stay ours).
 
@@ -682,6 +704,9 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        # YAML 1.1 reads `1e-5` (no dot) as text; it is a number to anyone writing a learning rate.
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return True, float(value)
         return False, None
     if tp is str:
         # YAML turns `0`/`1`/`true` into numbers/bools; label maps and names want the text back.
@@ -691,6 +716,9 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
             return True, str(value)
         return False, None
     return isinstance(value, tp), value
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _describe(tp: Any) -> str:

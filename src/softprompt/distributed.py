@@ -12,11 +12,11 @@ Choices worth knowing:
   preserved and locality off, so the same data and worker count always give the same shards; a
   restarted worker group therefore sees the same batches, and a resumed run ends on the same prompt
   as an uninterrupted one.
-- Evaluation runs on every rank over the same rows: the eval split (at most `train.eval_max_rows`
-  rows are scored) is read once by the driver and shipped with the worker config, not sharded.
-  Every rank thus reaches the same best-prompt and early-stopping decisions without a broadcast;
-  the wall time equals rank-0-only evaluation (the others would wait at the next all-reduce
-  anyway). Only rank 0 writes and reports the checkpoint.
+- Evaluation is sharded and reduced: the eval split (at most `train.eval_max_rows` rows are
+  scored) is read once by the driver and shipped with the worker config; rank r scores rows
+  r, r + N, ..., and the predictions are all-gathered (`_RayHooks.gather`) so every rank computes
+  the same metrics, hence the same best-prompt and early-stopping decisions, in 1/N of the time.
+  Only rank 0 writes and reports the checkpoint.
 - A worker's local folder is fresh for every attempt and filled only from `ray.train.get_checkpoint()`,
   never from files a dead worker left behind.
 """
@@ -155,6 +155,7 @@ def fit(
                 num_to_keep=rc.checkpoints_to_keep, checkpoint_score_attribute="eval_metric", checkpoint_score_order="max"
             ),
             callbacks=callbacks,
+            logging_config=rt.LoggingConfig(log_level=rc.train_log_level),
         ),
         datasets={"train": data["train"]},
         # Order preserved and no locality hints: the split must not depend on which node or worker
@@ -400,6 +401,13 @@ class _RayHooks:
             for key, value in plain.items():
                 if key.startswith("eval_") and key != "eval_metric" and isinstance(value, (int, float)):
                     gauge.set(float(value), tags={"metric": key[len("eval_") :], "trial": self.trial})
+
+    def gather(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)  # [ray] the process group TorchTrainer set up
+        return out
 
     def on_step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
         m = _metrics()

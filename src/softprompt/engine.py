@@ -12,6 +12,7 @@ Shapes: B batch, L input length (right-padded), n prefix length, d hidden, V voc
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,7 +81,7 @@ def input_hidden(model: Any, prefix: Prefix, batch: Batch) -> torch.Tensor:
         cache.batch_repeat_interleave(B)
         mask = torch.cat([torch.ones(B, n, dtype=batch.attention_mask.dtype, device=device), batch.attention_mask], 1)
         pos = (n + torch.arange(L, device=device)).unsqueeze(0).expand(B, L)
-        out = body(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        out = body(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True, **_cache_kwarg(body, cache))
         hidden: torch.Tensor = out.last_hidden_state
         return hidden
     if prefix.embeds is None:
@@ -135,6 +136,25 @@ def _packed_hidden(body: Any, p: torch.Tensor, pmask: torch.Tensor, emb: torch.T
     return hidden
 
 
+def _cache_kwarg(body: Any, cache: Any) -> dict[str, Any]:
+    """The key/value cache as the model's forward takes it: `cache=` (transformers >= 5.2x) or
+    `past_key_values=` (earlier 5.x and 4.x, e.g. the CUDA images' 5.17)."""
+    name = _CACHE_KWARG.get(type(body))
+    if name is None:
+        params = inspect.signature(body.forward).parameters
+        name = _CACHE_KWARG[type(body)] = "cache" if "cache" in params else "past_key_values"
+    return {name: cache}
+
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def _cache_of(out: Any) -> Any:
+    """The cache a forward returned, under either name (see `_cache_kwarg`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def cache_prefix(model: Any, embeds: torch.Tensor) -> Prefix:
     """Run a shared prefix (`[n, d]`) once and keep its key/value cache for every later batch."""
     body, _ = body_and_head(model)
@@ -147,7 +167,7 @@ def cache_prefix(model: Any, embeds: torch.Tensor) -> Prefix:
             position_ids=torch.arange(n, device=x.device).unsqueeze(0),
             use_cache=True,
         )
-    return Prefix(cache=out.cache, length=n)
+    return Prefix(cache=_cache_of(out), length=n)
 
 
 def label_scores(model: Any, prefix: Prefix, seqs: Sequence[Sequence[int]], verbalizer: Verbalizer, pad_id: int) -> torch.Tensor:
@@ -247,7 +267,7 @@ def greedy_generate(
     with torch.no_grad():
         out = body(inputs_embeds=first_emb, attention_mask=first_mask, position_ids=first_pos, use_cache=use_cache)
         hidden = out.last_hidden_state[torch.arange(B, device=device), last_index]
-        cache = out.cache if use_cache else None
+        cache = _cache_of(out) if use_cache else None
         seq_emb, seq_mask, seq_pos = first_emb, first_mask, first_pos
         for step in range(max_new_tokens):
             nxt = head(hidden).float().argmax(-1)  # [B]
@@ -262,8 +282,8 @@ def greedy_generate(
             new_pos = (n + batch.lengths + step).unsqueeze(1)
             seq_mask = torch.cat([seq_mask, torch.ones(B, 1, dtype=torch.long, device=device)], 1)
             if use_cache:
-                out = body(inputs_embeds=new_emb, attention_mask=seq_mask, position_ids=new_pos, cache=cache, use_cache=True)
-                cache = out.cache
+                out = body(inputs_embeds=new_emb, attention_mask=seq_mask, position_ids=new_pos, use_cache=True, **_cache_kwarg(body, cache))
+                cache = _cache_of(out)
                 hidden = out.last_hidden_state[:, -1]
             else:
                 seq_emb = torch.cat([seq_emb, new_emb], 1)

@@ -133,10 +133,10 @@ def init_ray(rc: RayConfig, address: str | None = None, *, tuning: bool = True) 
     return f"{what}" + (f" (dashboard http://{url})" if url else "")
 
 
-def submission_id(command: str, cfg: JobConfig) -> str:
-    """The deterministic id of a job: the command, the resolved config and the data's content."""
+def submission_id(command: str, cfg: JobConfig, args: list[str] | None = None) -> str:
+    """The deterministic id of a job: the command and its flags, the resolved config and the data's content."""
     h = hashlib.sha256()
-    h.update(json.dumps({"command": command, "config": to_dict(cfg)}, sort_keys=True, default=str).encode())
+    h.update(json.dumps({"command": command, "args": args or [], "config": to_dict(cfg)}, sort_keys=True, default=str).encode())
     for uri in (cfg.data.train, cfg.data.eval, cfg.data.test):
         if uri and not uri.startswith("s3://") and Path(uri).is_file():
             with open(uri, "rb") as f:
@@ -169,7 +169,8 @@ def submit(cfg: JobConfig, command: str, address: str, *, run_dir: str | None = 
     from ray.job_submission import JobSubmissionClient
 
     job_cfg = _portable(cfg)
-    base = submission_id(command, job_cfg)
+    flags = [*(["--run-dir", str(Path(run_dir).resolve())] if run_dir else []), *(extra_args or [])]
+    base = submission_id(command, job_cfg, flags)
     try:
         client = JobSubmissionClient(address)
         existing = {j.submission_id: str(j.status) for j in client.list_jobs() if j.submission_id}

@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,6 +64,12 @@ class TrainHooks(Protocol):
     def on_step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
         """Optional: called after every optimizer step with its loss, the tokens this worker
         processed in it and its wall time (throughput metrics). Hooks without it still work."""
+        ...
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Optional: every rank's `obj`, in rank order, on every rank (`all_gather_object`). With
+        it, each rank scores its share of the eval rows and all ranks reduce the same metrics;
+        without it every rank scores all of them."""
         ...
 
 
@@ -132,6 +139,7 @@ def run(
         _check_resumable(ckpt, fingerprint)
         state, best_embeds = _load_checkpoint(ckpt, prompt, optimizer, scheduler)
         state["fingerprint"] = fingerprint
+        state["resumed_at"] = [*state.get("resumed_at", []), state["step"]]  # kept in later checkpoints
         log.info("resumed from %s at step %d", ckpt, state["step"])
     eval_rows = _eval_subset(eval_split, tc.eval_max_rows, tc.seed) if eval_split is not None else None
     if hooks is not None and hooks.presharded:
@@ -147,6 +155,7 @@ def run(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     on_step = getattr(hooks, "on_step", None)
+    gather = getattr(hooks, "gather", None) if world > 1 else None
     while state["step"] < tc.steps and not stopped_early:
         step = state["step"]
         step_t0, step_tokens = time.perf_counter(), tokens
@@ -174,7 +183,7 @@ def run(
         do_eval = eval_rows is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps)
         if do_eval:
             assert eval_rows is not None
-            metrics = evaluate_embeddings(cfg, loaded, prompt.embeddings().detach(), eval_rows, verbalizer)
+            metrics = evaluate_embeddings(cfg, loaded, prompt.embeddings().detach(), eval_rows, verbalizer, gather=gather, rank=rank, world=world)
             value = metrics[cfg.evaluate.primary_metric]
             record = {"step": step, "eval_metric": value, **{f"eval_{k}": v for k, v in metrics.items()}}
             _merge_history(state["history"], record)
@@ -251,20 +260,40 @@ def export_checkpoint(cfg: JobConfig, loaded: LoadedModel, checkpoint_dir: str |
 
 
 def evaluate_embeddings(
-    cfg: JobConfig, loaded: LoadedModel, embeds: torch.Tensor, rows: Split, verbalizer: Verbalizer | None
+    cfg: JobConfig,
+    loaded: LoadedModel,
+    embeds: torch.Tensor,
+    rows: Split,
+    verbalizer: Verbalizer | None,
+    *,
+    gather: Callable[[Any], list[Any]] | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, float]:
-    """Quick metrics of a prompt on `rows` (accuracy and macro-F1, or negative loss for generation)."""
+    """Quick metrics of a prompt on `rows` (accuracy and macro-F1, or negative loss for generation).
+
+    With `gather` (see `TrainHooks.gather`) this rank scores rows `rank, rank + world, ...` only
+    and the per-row results of all ranks are put back in row order before the metrics, so every
+    rank returns the same numbers as one process scoring all rows, in 1/world of the time.
+    """
     model, tok = loaded.model, loaded.tokenizer
+    mine = list(range(rank, len(rows), world)) if gather is not None else list(range(len(rows)))
     if verbalizer is None:
+        losses: list[float] = []
         with torch.inference_mode():
-            losses = []
-            for s in range(0, len(rows), cfg.evaluate.batch_size):
-                idx = list(range(s, min(len(rows), s + cfg.evaluate.batch_size)))
+            for s in range(0, len(mine), cfg.evaluate.batch_size):
+                idx = mine[s : s + cfg.evaluate.batch_size]
                 losses.append(float(target_loss(model, Prefix(embeds=embeds), [rows.input_ids[i] for i in idx], [rows.target_ids[i] for i in idx], tok.pad_token_id)) * len(idx))
-        loss = sum(losses) / max(1, len(rows))
+        total = sum(sum(part) for part in gather(losses)) if gather is not None else sum(losses)
+        loss = total / max(1, len(rows))
         return {"accuracy": -loss, "macro_f1": -loss, "loss": loss}
-    scores = score_split(model, shared_prefix(model, embeds), rows.input_ids, verbalizer, tok.pad_token_id, cfg.evaluate.batch_size)
-    m = classification_metrics(rows.label_ids, scores.argmax(1).tolist(), None, list(verbalizer.labels))
+    scores = score_split(model, shared_prefix(model, embeds), [rows.input_ids[i] for i in mine], verbalizer, tok.pad_token_id, cfg.evaluate.batch_size)
+    predicted = scores.argmax(1).tolist()
+    if gather is not None:
+        predicted = [0] * len(rows)
+        for r, part in enumerate(gather(scores.argmax(1).tolist())):
+            predicted[r::world] = part
+    m = classification_metrics(rows.label_ids, predicted, None, list(verbalizer.labels))
     return {"accuracy": m.accuracy, "macro_f1": m.macro_f1}
 
 

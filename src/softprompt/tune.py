@@ -215,9 +215,11 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, loaded: Lo
 
         loaded = load_model(cfg.model)
     adapters: list[Path] = []
-    # The ensemble's other members are trials that ran to the end: a prompt ASHA stopped early is
-    # half-trained and drags the mean down.
-    members = [usable[0], *[tr for tr in usable[1:] if tr.status == "finished"]][: t.top_k_ensemble]
+    # The ensemble's other members are trials that ran to the end first: a prompt ASHA stopped early
+    # is half-trained and drags the mean down. Only when too few ran to the end do stopped ones fill
+    # the remaining places (the ensemble must still beat the best prompt on the eval split to win).
+    others = sorted(usable[1:], key=lambda tr: tr.status != "finished")  # stable: rank order kept within each group
+    members = [usable[0], *others][: t.top_k_ensemble]
     for tr in members:
         assert tr.checkpoint_uri is not None
         adapters.append(distributed.export_adapter(_with_params(trial_cfg, tr.params), loaded, tr.checkpoint_uri, Path(run_dir) / EXPERIMENT / tr.trial_id))

@@ -4,6 +4,7 @@ prompt as the uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -106,6 +107,9 @@ def test_worker_killed_mid_run_resumes_to_the_same_final_prompt(s3_run: dict[str
     reference = distributed.download_checkpoint(s3_run["result"].checkpoint_uri, tmp_path / "reference", s3_run["cfg"].ray)
     ref = load_file(str(reference / "state.safetensors"))
     got = load_file(str(Path(resumed.checkpoint_uri) / "state.safetensors"))
+    # The second worker group went on from a checkpoint (step 5 or later), not from step 0.
+    resumed_at = json.loads((Path(resumed.checkpoint_uri) / "state.json").read_text())["resumed_at"]
+    assert len(resumed_at) == 1 and 5 <= resumed_at[0] < cfg.train.steps, resumed_at
     # The final prompt, the best prompt and the optimizer state all match bit for bit.
     for key in ("prompt.embedding.weight", "best_embeds", "opt.0.exp_avg", "opt.0.exp_avg_sq"):
         assert ref[key].equal(got[key]), key

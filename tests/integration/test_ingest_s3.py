@@ -61,3 +61,22 @@ def test_missing_s3_object_is_named(tmp_path: Path, tok: Any, s3_endpoint: str, 
     uri = f"s3://{s3_bucket}/raw/missing.csv"
     with pytest.raises(DataError, match=r"cannot read data\.train=s3://.*/raw/missing\.csv.*missing\.csv"):
         run(cfg_for(uri, s3_endpoint), tmp_path / "out", tokenizer=tok)
+
+
+def test_a_config_is_read_from_s3_with_the_endpoint_from_the_environment(
+    s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from softprompt.config import load_config
+    from softprompt.errors import ConfigError
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.put_object(Bucket=s3_bucket, Key="configs/tune.yaml", Body=(
+        b"task:\n  name: from-s3\n  labels: [a, b]\n  verbalizer: {a: [' a'], b: [' b']}\n"
+        b"data:\n  train: s3://bucket/train.csv\ntrain:\n  lr: 1e-2\n"
+    ))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    cfg = load_config(f"s3://{s3_bucket}/configs/tune.yaml", ["train.steps=70"])
+    assert (cfg.task.name, cfg.train.lr, cfg.train.steps) == ("from-s3", 0.01, 70)
+    with pytest.raises(ConfigError) as err:
+        load_config(f"s3://{s3_bucket}/configs/missing.yaml")
+    assert f"cannot read config s3://{s3_bucket}/configs/missing.yaml" in str(err.value)

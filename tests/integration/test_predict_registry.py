@@ -50,7 +50,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         f"data.train={DEMO / 'train.csv'}", f"data.test={DEMO / 'test.csv'}",
         "data.max_train_rows=48", "data.max_eval_rows=16", "data.max_test_rows=16",
         "train.steps=3", "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=3", "train.eval_max_rows=16",
-        "evaluate.baselines=[zero_shot]", f"workdir={root}",
+        "evaluate.baselines=[zero_shot]", f"workdir={root}", "tune.num_samples=0",
     ]
     cfg = load_config(DEMO_CONFIG, overrides)
     data = ingest.run(cfg, root / "data").output_dir

@@ -46,6 +46,7 @@ def _overrides(tiny_dir: Path, work: Path) -> list[str]:
         "data.max_train_rows=200",
         "data.max_test_rows=70",
         "prompt.num_virtual_tokens=6",
+        "tune.num_samples=0",  # the demo tunes through Ray; this is the in-process path
         "train.steps=6",
         "train.batch_size=8",
         "train.warmup_steps=1",

@@ -134,3 +134,17 @@ def test_a_run_that_cannot_fit_the_local_ray_is_refused_with_the_settings_to_cha
         check_fits(RayConfig(num_workers=3, cpus_per_worker=2.0), tuning=True)
     text = str(err.value)
     assert "needs 6.01 logical CPUs" in text and "has 5" in text and "ray.num_cpus" in text and "ray.num_workers" in text
+
+
+def test_optuna_proposes_trials_from_the_space_and_the_best_is_kept(tiny_task: TinyTask, ray_session: dict[str, str], tmp_path: Path) -> None:
+    cfg = tiny_task.config(
+        "tune.num_samples=3", "tune.search=optuna", "tune.scheduler=none", "tune.top_k_ensemble=1", "tune.seed=3", "ray.num_workers=1",
+        "train.steps=4", f"tune.search_space={{train.lr: {{type: choice, values: [{GOOD}, {BAD:.5f}]}}, prompt.num_virtual_tokens: {{type: int, low: 2, high: 6}}}}",
+    )
+    result = tune.run(cfg, tiny_task.data_dir, tmp_path / "run")
+
+    assert [t.status for t in result.trials] == ["finished"] * 3
+    for t in result.trials:
+        assert t.params["train.lr"] in (GOOD, BAD) and 2 <= t.params["prompt.num_virtual_tokens"] <= 6
+    assert result.best.best_metric == max(t.best_metric for t in result.trials)
+    assert result.best_config.prompt.num_virtual_tokens == result.best.params["prompt.num_virtual_tokens"]

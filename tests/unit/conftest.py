@@ -50,6 +50,7 @@ def small_overrides(model_dir: Path, workdir: Path) -> list[str]:
         "data.max_eval_rows=28",
         "data.max_test_rows=28",
         "prompt.num_virtual_tokens=4",
+        "tune.num_samples=0",  # the demo tunes through Ray; these tests train in-process
         "train.steps=4",
         "train.batch_size=4",
         "train.warmup_steps=1",

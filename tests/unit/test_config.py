@@ -109,6 +109,15 @@ def test_override_ints_become_floats_where_floats_are_expected() -> None:
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
 
 
+def test_exponents_without_a_dot_are_numbers_though_yaml_reads_them_as_text() -> None:
+    base = ["task.labels=[a, b]", "task.verbalizer={a: [' a'], b: [' b']}", "data.train=x"]
+    assert load_config(None, [*base, "train.lr=1e-5"]).train.lr == 1e-5
+    assert load_config(None, [*base, "train.lr=3E-2"]).train.lr == 0.03
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*base, "train.lr=fast"])
+    assert "train.lr='fast' must be a number" in str(err.value)
+
+
 def test_malformed_override_is_reported() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["task.labels=[a, b]", "task.verbalizer={a: [' a'], b: [' b']}", "data.train=x", "train.lr", "train.steps.x=1"])

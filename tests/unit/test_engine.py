@@ -10,6 +10,8 @@ explicit positions, key/value prefix cache or sparse LM head.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,3 +195,21 @@ def test_make_batch_right_pads() -> None:
     assert b.input_ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
     assert b.lengths.tolist() == [3, 1]
+
+
+def test_the_cache_is_passed_and_read_under_the_name_the_installed_transformers_uses() -> None:
+    from types import SimpleNamespace
+
+    from softprompt.engine import _cache_kwarg, _cache_of
+
+    class New(torch.nn.Module):
+        def forward(self, inputs_embeds: Any = None, cache: Any = None, use_cache: bool = False) -> Any: ...
+
+    class Old(torch.nn.Module):
+        def forward(self, inputs_embeds: Any = None, past_key_values: Any = None, use_cache: bool = False) -> Any: ...
+
+    assert _cache_kwarg(New(), "kv") == {"cache": "kv"}
+    assert _cache_kwarg(Old(), "kv") == {"past_key_values": "kv"}
+    assert _cache_of(SimpleNamespace(cache="a")) == "a"
+    assert _cache_of(SimpleNamespace(cache=None, past_key_values="b")) == "b"
+    assert _cache_of(SimpleNamespace(past_key_values="c")) == "c"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,8 @@ def test_resume_gives_the_same_prompt_as_an_uninterrupted_run(tiny_ctx: LoadedMo
     after = _StopAfter(99)
     resumed = train.run(cfg, tiny_ctx, data, rows, tmp_path / "resumed", hooks=after)
     assert [r["step"] for r in after.reports] == [6]  # it went on from step 4, not from the start
+    state = json.loads((resumed_dir := tmp_path / "resumed" / train.CHECKPOINT_DIR / "state.json").read_text())
+    assert state["resumed_at"] == [4], resumed_dir
 
     assert resumed.steps == whole.steps == 6
     a = _tensors(whole.adapter_dir / prompts.ADAPTER_WEIGHTS)
@@ -322,3 +325,24 @@ def test_multi_token_label_words_run_the_head_only_at_word_tokens(tiny: LoadedMo
     finally:
         handle.remove()
     assert [shape for grad, shape in calls if grad] == [(4 * sum(words), tiny.model.config.hidden_size)]
+
+
+def test_sharded_evaluation_gives_the_metrics_of_one_process_scoring_every_row(tiny_ctx: LoadedModel) -> None:
+    cfg = syn_cfg(steps=2)
+    rows = synthetic(tiny_ctx.tokenizer, 11, seed=3)  # odd: the ranks get 6 and 5 rows
+    vb = build_verbalizer(cfg.task, tiny_ctx.tokenizer)
+    embeds = tiny_ctx.model.get_input_embeddings().weight[:4].detach()
+    whole = train.evaluate_embeddings(cfg, tiny_ctx, embeds, rows, vb)
+
+    parts: dict[int, Any] = {}
+
+    def rank1(obj: Any) -> list[Any]:
+        parts[1] = obj
+        return [[0] * 6, obj]  # rank 0's part is a placeholder: this call's result is not used
+
+    train.evaluate_embeddings(cfg, tiny_ctx, embeds, rows, vb, gather=rank1, rank=1, world=2)
+    assert len(parts[1]) == 5  # rank 1 scored rows 1, 3, 5, 7, 9 only
+    sharded = train.evaluate_embeddings(cfg, tiny_ctx, embeds, rows, vb, gather=lambda obj: [obj, parts[1]], rank=0, world=2)
+    assert sharded == whole
+    # A prompt that predicts no class perfectly: the check above is not vacuous.
+    assert 0.0 < whole["accuracy"] < 1.0 or whole["macro_f1"] < 1.0
