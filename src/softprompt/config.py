@@ -283,7 +283,8 @@ class TuneConfig:
     reduction_factor: int = 3
     """ASHA: keep the top 1/reduction_factor of trials at each rung (rungs at grace_period x rf^k rounds)."""
     max_t: int | None = None
-    """ASHA: evaluation rounds of a full trial; `null` derives ceil(train.steps / train.eval_every)."""
+    """ASHA: evaluation rounds of a full trial; `null` derives ceil(train.steps / train.eval_every) + 1
+    (one past the last round, so ASHA never stops a trial at its final report)."""
     metric: Literal["accuracy", "macro_f1"] | None = None
     """Eval metric that trials are ranked and stopped on; `null` uses `evaluate.primary_metric`."""
     search_space: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: dict(v) for k, v in _DEFAULT_SEARCH_SPACE.items()})

@@ -174,7 +174,7 @@ def submit(cfg: JobConfig, command: str, address: str, *, run_dir: str | None = 
     try:
         client = JobSubmissionClient(address)
         existing = {j.submission_id: str(j.status) for j in client.list_jobs() if j.submission_id}
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:  # OSError: requests' ConnectionError too
         raise SoftpromptError(f"cannot reach the Ray Jobs API at {address}: {exc}; pass the dashboard address, e.g. http://HEAD:8265") from exc
     sid, attempt = base, 1
     while existing.get(sid) in ("FAILED", "STOPPED"):

@@ -88,7 +88,10 @@ def test_worker_killed_mid_run_resumes_to_the_same_final_prompt(s3_run: dict[str
         while time.monotonic() < deadline and len(workers) < 2:
             workers = [a.pid for a in list_actors(address=_state_api(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]) if a.pid]
             time.sleep(0.2)
-        while time.monotonic() < deadline and not (storage / "checkpoint_000005").is_dir():
+        # Kill once the controller has registered the step-5 checkpoint (its snapshot names it),
+        # not merely once the folder exists: the new worker group must resume from it.
+        snapshot = storage / "checkpoint_manager_snapshot.json"
+        while time.monotonic() < deadline and not (snapshot.is_file() and "checkpoint_000005" in snapshot.read_text(errors="replace")):
             time.sleep(0.05)
         os.kill(workers[-1], signal.SIGKILL)
         killed.append(workers[-1])

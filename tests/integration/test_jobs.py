@@ -124,3 +124,32 @@ def test_run_submitted_as_a_ray_job_and_a_retry_reattaches(
     assert "re-attaching" in again and "SUCCEEDED" in again.splitlines()[-1]
     jobs = [j for j in JobSubmissionClient(ray_head).list_jobs() if (j.submission_id or "").startswith("softprompt-run-job-")]
     assert len(jobs) == 1
+
+
+def test_the_pipeline_tune_step_runs_on_a_ray_cluster_through_the_jobs_api(
+    tiny_task: TinyTask, ray_head: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The KFP tune step's `ray-jobs` launcher against a real `ray start --head`: config and data
+    go to a scratch folder, `python -m softprompt.kubeflow.remote` tunes on the cluster as a Ray
+    Job, the ranked winners come back; a retried step (same run id) re-attaches to the same job."""
+    from ray.job_submission import JobSubmissionClient
+
+    from softprompt.kubeflow import rayjob, steps
+
+    config = tmp_path / "tune.yaml"
+    steps.write_config(tiny_task.config("tune.num_samples=2", "tune.scheduler=none", "tune.top_k_ensemble=2", "ray.num_workers=1",
+                                        f"publish.store={tmp_path / 'registry'}"), config)
+    args = dict(launcher="ray-jobs", ray_address=ray_head, run_id="run-42", scratch_uri=str(tmp_path / "scratch"))
+    out = steps.tune(config, tiny_task.data_dir, tmp_path / "winners", **args)
+
+    assert out["launcher"] == "ray-jobs" and out["ray_job_status"] == "SUCCEEDED" and out["adapters"] == 2
+    assert out["ray_job"] == rayjob.job_name("run-42")
+    assert [p.parent.name for p in steps.ranked_adapters(tmp_path / "winners")] == ["00", "01"]
+    assert all((p / "adapter_model.safetensors").is_file() for p in steps.ranked_adapters(tmp_path / "winners"))
+    logs = capsys.readouterr().out
+    assert "tune: 2 trial(s)" in logs  # the job's driver log, surfaced in the step's log
+
+    again = steps.tune(config, tiny_task.data_dir, tmp_path / "winners-retry", **args)
+    assert again["ray_job"] == out["ray_job"]
+    jobs_on_head = [j for j in JobSubmissionClient(ray_head).list_jobs() if j.submission_id == out["ray_job"]]
+    assert len(jobs_on_head) == 1  # the retried step re-attached instead of starting a second job

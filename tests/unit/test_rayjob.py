@@ -412,6 +412,8 @@ class FakeJobs:
     cancel: bool = False
     """Send this process SIGTERM while the log streams (KFP cancelling the step)."""
     stopped: list[str] = field(default_factory=list)
+    dropped: int = 0
+    """Submissions whose connection drops after the head created the job."""
 
     def list_jobs(self) -> list[Any]:
         return [type("Job", (), {"submission_id": sid, "status": status}) for sid, status in self.existing.items()]
@@ -420,8 +422,15 @@ class FakeJobs:
         if self.not_ready:
             self.not_ready -= 1
             raise RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later..")
+        if kwargs["submission_id"] in self.existing:
+            raise RuntimeError(f"Request failed with status code 400: Job with submission_id {kwargs['submission_id']} already exists.")
         self.submitted.append(kwargs)
         self.existing[kwargs["submission_id"]] = "PENDING"
+        if self.dropped:  # the head created the job, then the connection dropped before the answer
+            self.dropped -= 1
+            import requests
+
+            raise requests.exceptions.ConnectionError("('Connection aborted.', RemoteDisconnected('Remote end closed connection without response'))")
         return str(kwargs["submission_id"])
 
     async def tail_job_logs(self, sid: str) -> AsyncIterator[str]:
@@ -492,6 +501,15 @@ def test_jobs_api_retries_while_the_head_is_not_ready(monkeypatch: pytest.Monkey
     assert "not ready to take jobs yet" in lines[0] and "retrying in 1s" in lines[0]
     with pytest.raises(RayLaunchError, match=r"could not submit .* try again later"):
         run_ray_job("http://head:8265", "x", "softprompt-tune-2", client=FakeJobs(not_ready=99), echo=lambda _: None)
+
+
+def test_jobs_api_retries_a_dropped_connection_and_re_attaches_to_the_job_it_created(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rayjob, "SUBMIT_WAIT_SECONDS", 1.5)
+    lines: list[str] = []
+    jobs = FakeJobs(dropped=1)
+    result = run_ray_job("http://head:8265", "x", "softprompt-tune-3", client=jobs, echo=lines.append)
+    assert result.job_status == "SUCCEEDED" and len(jobs.submitted) == 1  # one job, not two
+    assert "connection to Ray at http://head:8265 dropped" in lines[0] and "re-attaching" in lines[1]
 
 
 def test_jobs_api_sigterm_stops_the_submission(sigterm_guard: Callable[..., None], capsys: pytest.CaptureFixture[str]) -> None:

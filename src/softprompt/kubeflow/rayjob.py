@@ -403,6 +403,15 @@ def _submit(client: Any, address: str, sid: str, entrypoint: str, runtime_env: d
             echo(f"Ray at {address} is not ready to take jobs yet ({exc}); retrying in {delay:.0f}s")
             time.sleep(delay)
             attempt += 1
+        except OSError as exc:  # requests' ConnectionError (an OSError): a busy or restarting head dropped the request
+            # The job may have been created before the connection dropped: the retry then meets
+            # "already exists" and re-attaches.
+            delay = min(2.0**attempt, 15.0)
+            if time.monotonic() + delay > deadline:
+                raise RayLaunchError(f"could not submit Ray job {sid} to {address}: {exc}") from exc
+            echo(f"the connection to Ray at {address} dropped ({exc}); retrying in {delay:.0f}s")
+            time.sleep(delay)
+            attempt += 1
 
 
 def _kube_api_client() -> Any:

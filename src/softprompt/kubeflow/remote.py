@@ -4,8 +4,8 @@
 
 The tune step (`steps.tune`) puts the resolved config (`config/tune.yaml`) and the prepared data
 (`data/`) under a scratch prefix and launches this module (`rayjob.py`); it tunes on the cluster it
-runs in (`softprompt tune --ray-address auto`, or `softprompt train` where the image has no tune
-command) and leaves the ranked winners in `winners/`, which the step downloads. The scratch
+runs in (`softprompt tune --ray-address auto`) and leaves the ranked winners in `winners/`, which
+the step downloads. The scratch
 prefix defaults to the registry bucket's `tmp/`, which a lifecycle rule expires.
 """
 
