@@ -48,6 +48,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0, help="tune.seed: which trials are drawn")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-tune"), help="work folder")
     p.add_argument("--json", default=None, help="write the results here (default benchmarks/results/tune_efficiency[_quick].json)")
+    p.add_argument("--full-from", default=None,
+                   help="reuse the every-trial-to-the-end sweep of an earlier results file with the same trials (model, trial count, "
+                        "steps, eval rows, batch, seed): training is deterministic on CPU, so only the ASHA sweep runs again")
     args = p.parse_args()
     os.chdir(ROOT)  # the config's data paths are relative to the repository root
 
@@ -61,7 +64,10 @@ def main() -> int:
 
     loaded = load_model(cfg.model)
     rows: dict[str, Any] = {}
-    for scheduler in ("asha", "none"):
+    reused = _reuse_full(args, cfg) if args.full_from else None
+    if reused is not None:
+        rows["none"] = reused
+    for scheduler in ("asha",) if reused is not None else ("asha", "none"):
         sweep_cfg = _config(args, out, f"tune.scheduler={scheduler}", f"run_name={scheduler}")
         t0 = time.perf_counter()
         result = tune.run(sweep_cfg, out / "data", out / scheduler, loaded=loaded, progress=True)
@@ -80,7 +86,8 @@ def main() -> int:
         "benchmark": "tune_efficiency", "quick": args.quick, "machine": _machine(), "model": cfg.model.name,
         "trials": cfg.tune.num_samples, "steps_per_trial": cfg.train.steps, "eval_every": cfg.train.eval_every,
         "eval_rows": cfg.train.eval_max_rows, "reduction_factor": args.reduction_factor, "grace_period": args.grace_period,
-        "batch_size": cfg.train.batch_size, "workers_per_trial": args.workers, "asha": asha, "all_to_the_end": full,
+        "batch_size": cfg.train.batch_size, "seed": args.seed, "workers_per_trial": args.workers,
+        "full_sweep_reused_from": args.full_from, "asha": asha, "all_to_the_end": full,
         "gap_points": round(gap, 2), "steps_ratio": round(ratio, 3),
         # Each trial's workers are separate processes (one model copy each, ~1 GiB for SmolLM2);
         # this is the driver's own peak (the model it exports and scores the winners with).
@@ -99,6 +106,19 @@ def main() -> int:
     path.write_text(json.dumps(report, indent=1, default=str))
     print(f"results: {path}")
     return 0
+
+
+def _reuse_full(args: argparse.Namespace, cfg: JobConfig) -> dict[str, Any]:
+    earlier = json.loads(Path(args.full_from).read_text())
+    same = {"model": cfg.model.name, "trials": cfg.tune.num_samples, "steps_per_trial": cfg.train.steps, "eval_every": cfg.train.eval_every,
+            "eval_rows": cfg.train.eval_max_rows, "batch_size": cfg.train.batch_size, "seed": args.seed, "workers_per_trial": args.workers}
+    earlier.setdefault("seed", 0)  # files from before the seed was recorded ran the default seed, 0
+    differ = {k: (earlier.get(k), v) for k, v in same.items() if earlier.get(k) != v}
+    if differ:
+        raise SystemExit(f"--full-from {args.full_from} ran other trials: {differ} (earlier, now)")
+    print(f"reusing the every-trial-to-the-end sweep of {args.full_from} (same trials; CPU training is deterministic)")
+    row: dict[str, Any] = earlier["all_to_the_end"]
+    return row
 
 
 def _overrides(args: argparse.Namespace, out: Path) -> list[str]:

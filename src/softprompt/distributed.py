@@ -341,6 +341,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     from softprompt.modeling import load_model
 
     cfg = config_from_dict(config["cfg"])
+    # Ray Train's LoggingConfig filters its console handler, but worker records also reach the
+    # driver through Ray's own handler: set the level at the source too (every report is INFO).
+    logging.getLogger("ray.train").setLevel(cfg.ray.train_log_level)
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.ray.use_gpu:

@@ -50,52 +50,75 @@ def _free_port() -> int:
 @pytest.fixture()
 def ray_head(tmp_path: Path) -> Iterator[str]:
     """A separate Ray head (`ray start --head --block`) on loopback ports of its own; stopped by
-    signalling the process group it leads (never `ray stop`, which would stop every Ray here)."""
-    bin_dir = Path(sys.executable).parent
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
-    port, dashboard = _free_port(), _free_port()
-    ports = {
-        "--node-manager-port": _free_port(), "--object-manager-port": _free_port(), "--metrics-export-port": _free_port(),
-        "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-        "--runtime-env-agent-port": _free_port(), "--ray-client-server-port": _free_port(),
-    }
-    cmd = [
-        str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-        "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items()),
-    ]
-    # The job's entrypoint is `softprompt ...`: this environment's scripts must come first on PATH.
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    # As softprompt.jobs.init_ray does for a local Ray: Ray Train's placement-group cleaner must find
-    # this cluster's dashboard, not the session's.
-    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
-    log = (tmp_path / "ray-head.log").open("w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard}"
-    try:
+    signalling the process group it leads (never `ray stop`, which would stop every Ray here).
+
+    On a loaded 2-core machine a head sometimes fails to start its dashboard (Ray's own start-up
+    timeout); it is then stopped and started once more, on fresh ports."""
+    for attempt in (1, 2):
+        head = _RayHead(tmp_path / f"ray-head-{attempt}.log")
+        try:
+            url = head.start()
+        except RuntimeError:
+            head.stop()
+            if attempt == 2:
+                raise
+            continue
+        try:
+            yield url
+        finally:
+            head.stop()
+        return
+
+
+class _RayHead:
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> str:
+        bin_dir = Path(sys.executable).parent
+        port, dashboard = _free_port(), _free_port()
+        ports = {
+            "--node-manager-port": _free_port(), "--object-manager-port": _free_port(), "--metrics-export-port": _free_port(),
+            "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
+            "--runtime-env-agent-port": _free_port(), "--ray-client-server-port": _free_port(),
+        }
+        cmd = [
+            str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items()),
+        ]
+        # The job's entrypoint is `softprompt ...`: this environment's scripts must come first on PATH.
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env.pop("RAY_ADDRESS", None)
+        # As softprompt.jobs.init_ray does for a local Ray: Ray Train's placement-group cleaner must find
+        # this cluster's dashboard, not the session's.
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{dashboard}"
         from ray.job_submission import JobSubmissionClient
 
         deadline = time.monotonic() + 180
         while True:
             try:
                 JobSubmissionClient(url).list_jobs()
-                break
-            except (ConnectionError, RuntimeError, ValueError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"ray start --head did not come up: {(tmp_path / 'ray-head.log').read_text()[-2000:]}") from None
+                return url
+            except (OSError, RuntimeError, ValueError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray start --head did not come up: {self.log_path.read_text()[-2000:]}") from None
                 time.sleep(1)
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=60)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def test_run_submitted_as_a_ray_job_and_a_retry_reattaches(
