@@ -96,10 +96,7 @@ def input_hidden(model: Any, prefix: Prefix, batch: Batch) -> torch.Tensor:
     if prefix.mask is not None and not bool(prefix.mask.all()):
         return _packed_hidden(body, p, prefix.mask.to(device), emb, batch)
     pmask = torch.ones(B, n, dtype=batch.attention_mask.dtype, device=device)
-    n_real = pmask.sum(1, keepdim=True)  # [B, 1]
-    pos = torch.cat(
-        [torch.arange(n, device=device).unsqueeze(0).expand(B, n), n_real + torch.arange(L, device=device).unsqueeze(0)], 1
-    )
+    pos = torch.arange(n + L, device=device).unsqueeze(0).expand(B, n + L)  # inputs start right after the prompt
     out = body(
         inputs_embeds=torch.cat([p, emb], 1),
         attention_mask=torch.cat([pmask, batch.attention_mask], 1),

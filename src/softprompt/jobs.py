@@ -52,6 +52,14 @@ def local_num_cpus(rc: RayConfig) -> int:
     return max(os.cpu_count() or 1, math.ceil(rc.num_workers * rc.cpus_per_worker)) + 1
 
 
+def run_reservation(rc: RayConfig, *, tuning: bool) -> tuple[float, float]:
+    """(logical CPUs, GPUs) one training run reserves: its workers, plus a Tune trial's own sliver
+    of a CPU when it runs as a trial."""
+    cpus = rc.num_workers * rc.cpus_per_worker + (TRIAL_CPU if tuning else 0.0)
+    gpus = rc.num_workers * (rc.gpus_per_worker or 1.0) if rc.use_gpu else 0.0
+    return cpus, gpus
+
+
 def check_fits(rc: RayConfig, *, tuning: bool) -> None:
     """Refuse, at once, a run whose one training run cannot fit the local Ray this command started.
 
@@ -63,14 +71,14 @@ def check_fits(rc: RayConfig, *, tuning: bool) -> None:
     import ray
 
     total = ray.cluster_resources()
-    cpus = rc.num_workers * rc.cpus_per_worker + (TRIAL_CPU if tuning else 0.0)
+    cpus, gpus = run_reservation(rc, tuning=tuning)
     if total.get("CPU", 0.0) + 1e-9 < cpus:
         raise SoftpromptError(
             f"one training run needs {cpus:g} logical CPUs (ray.num_workers={rc.num_workers} x ray.cpus_per_worker="
             f"{rc.cpus_per_worker:g}{' + a trial' if tuning else ''}) but this local Ray has {total.get('CPU', 0.0):g} "
             "(ray.num_cpus); lower ray.num_workers or ray.cpus_per_worker, or raise ray.num_cpus"
         )
-    if rc.use_gpu and total.get("GPU", 0.0) + 1e-9 < rc.num_workers * (rc.gpus_per_worker or 1.0):
+    if total.get("GPU", 0.0) + 1e-9 < gpus:
         raise SoftpromptError(
             f"ray.use_gpu=true with {rc.num_workers} workers x {rc.gpus_per_worker or 1.0:g} GPUs, but this local Ray has "
             f"{total.get('GPU', 0.0):g} GPUs; lower ray.num_workers / ray.gpus_per_worker, or set ray.use_gpu=false"

@@ -290,8 +290,8 @@ def evaluate_embeddings(
     scores = score_split(model, shared_prefix(model, embeds), [rows.input_ids[i] for i in mine], verbalizer, tok.pad_token_id, cfg.evaluate.batch_size)
     predicted = scores.argmax(1).tolist()
     if gather is not None:
-        predicted = [0] * len(rows)
-        for r, part in enumerate(gather(scores.argmax(1).tolist())):
+        parts, predicted = gather(predicted), [0] * len(rows)
+        for r, part in enumerate(parts):
             predicted[r::world] = part
     m = classification_metrics(rows.label_ids, predicted, None, list(verbalizer.labels))
     return {"accuracy": m.accuracy, "macro_f1": m.macro_f1}

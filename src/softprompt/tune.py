@@ -33,7 +33,7 @@ from ray.tune import Callback
 from softprompt import distributed
 from softprompt.config import JobConfig, config_from_dict, replace, to_dict
 from softprompt.errors import ConfigError, SoftpromptError
-from softprompt.jobs import TRIAL_CPU
+from softprompt.jobs import TRIAL_CPU, run_reservation
 
 if TYPE_CHECKING:
     from softprompt.modeling import LoadedModel
@@ -259,10 +259,11 @@ def max_concurrent_trials(cfg: JobConfig) -> int:
 
     if cfg.tune.max_concurrent_trials is not None:
         return cfg.tune.max_concurrent_trials
-    rc, total = cfg.ray, ray.cluster_resources()
-    fits = total.get("CPU", 0.0) / (rc.num_workers * rc.cpus_per_worker + TRIAL_CPU)
-    if rc.use_gpu:
-        fits = min(fits, total.get("GPU", 0.0) / (rc.num_workers * (rc.gpus_per_worker or 1.0)))
+    total = ray.cluster_resources()
+    cpus, gpus = run_reservation(cfg.ray, tuning=True)
+    fits = total.get("CPU", 0.0) / cpus
+    if gpus:
+        fits = min(fits, total.get("GPU", 0.0) / gpus)
     return max(1, min(int(fits + 1e-9), max(1, cfg.tune.num_samples)))
 
 

@@ -377,7 +377,7 @@ def _stop(client: Any, sid: str, echo: Echo) -> None:
     try:
         client.stop_job(sid)
         echo(f"stopped Ray job {sid}")
-    except (ConnectionError, RuntimeError) as exc:
+    except (OSError, RuntimeError) as exc:  # OSError: requests' ConnectionError too
         echo(f"warning: could not stop Ray job {sid}: {exc}; run `ray job stop {sid}`")
 
 
@@ -391,25 +391,24 @@ def _submit(client: Any, address: str, sid: str, entrypoint: str, runtime_env: d
                               metadata={"app": "softprompt", "component": "tune"})
             echo(f"submitted Ray job {sid} to {address}: {entrypoint}")
             return False
-        except RuntimeError as exc:
-            if "already exists" in str(exc):
+        except (RuntimeError, OSError) as exc:
+            if isinstance(exc, RuntimeError) and "already exists" in str(exc):
                 echo(f"Ray job {sid} was just submitted by another attempt: re-attaching")
                 return True
-            # A head that just started (or restarted) answers 500 "No available agent to submit
-            # job, please try again later" until its job agent has registered.
-            delay = min(2.0**attempt, 15.0)
-            if "try again later" not in str(exc) or time.monotonic() + delay > deadline:
+            # Transient: a head that just started (or restarted) answers 500 "No available agent to
+            # submit job, please try again later" until its job agent has registered; a busy head
+            # may drop the connection (requests' ConnectionError, an OSError), perhaps after it
+            # created the job, in which case the retry meets "already exists" and re-attaches.
+            if isinstance(exc, OSError):
+                what = f"the connection to Ray at {address} dropped ({exc})"
+            elif "try again later" in str(exc):
+                what = f"Ray at {address} is not ready to take jobs yet ({exc})"
+            else:
                 raise RayLaunchError(f"could not submit Ray job {sid} to {address}: {exc}") from exc
-            echo(f"Ray at {address} is not ready to take jobs yet ({exc}); retrying in {delay:.0f}s")
-            time.sleep(delay)
-            attempt += 1
-        except OSError as exc:  # requests' ConnectionError (an OSError): a busy or restarting head dropped the request
-            # The job may have been created before the connection dropped: the retry then meets
-            # "already exists" and re-attaches.
             delay = min(2.0**attempt, 15.0)
             if time.monotonic() + delay > deadline:
                 raise RayLaunchError(f"could not submit Ray job {sid} to {address}: {exc}") from exc
-            echo(f"the connection to Ray at {address} dropped ({exc}); retrying in {delay:.0f}s")
+            echo(f"{what}; retrying in {delay:.0f}s")
             time.sleep(delay)
             attempt += 1
 
