@@ -8,6 +8,7 @@ here; the Ray layer reads the same files from `s3://` with Ray Data.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,17 @@ class Split:
             slices=[self.slices[i] for i in indices],
             rows=[self.rows[i] for i in indices],
         )
+
+    def sample(self, limit: int | None, seed: int) -> Split:
+        """At most `limit` rows drawn with `seed`, kept in file order (all rows when `limit` is None or not smaller).
+
+        Used for the periodic evaluation subset. The seed must not vary between trials of one sweep
+        (pass `data.split_seed`, never `train.seed`): ASHA's rung comparisons and the choice of the
+        best trial are only fair when every trial is scored on the same rows.
+        """
+        if limit is None or len(self) <= limit:
+            return self
+        return self.subset(sorted(random.Random(seed).sample(range(len(self)), limit)))
 
     def to_table(self) -> pa.Table:
         """As an Arrow table with `SPLIT_SCHEMA`."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,10 +233,7 @@ def _manifest(cfg: JobConfig, loaded: LoadedModel, dataset_manifest: dict[str, A
 def _choose_on_eval(
     cfg: JobConfig, loaded: LoadedModel, data_dir: str | Path, members: list[torch.Tensor], verbalizer: Verbalizer
 ) -> tuple[str, dict[str, Any]]:
-    rows = ds.read_split(data_dir, "eval")
-    limit = cfg.train.eval_max_rows
-    if limit is not None and len(rows) > limit:
-        rows = rows.subset(sorted(random.Random(cfg.train.seed).sample(range(len(rows)), limit)))
+    rows = ds.read_split(data_dir, "eval").sample(cfg.train.eval_max_rows, cfg.data.split_seed)  # the rows the trials were ranked on
     model, tok = loaded.model, loaded.tokenizer
     each = [score_split(model, shared_prefix(model, e), rows.input_ids, verbalizer, tok.pad_token_id, cfg.evaluate.batch_size) for e in members]
     labels = list(verbalizer.labels)

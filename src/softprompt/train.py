@@ -141,7 +141,8 @@ def run(
         state["fingerprint"] = fingerprint
         state["resumed_at"] = [*state.get("resumed_at", []), state["step"]]  # kept in later checkpoints
         log.info("resumed from %s at step %d", ckpt, state["step"])
-    eval_rows = _eval_subset(eval_split, tc.eval_max_rows, tc.seed) if eval_split is not None else None
+    # The same rows for every trial of a sweep (the data seed, not train.seed): rung comparisons stay fair.
+    eval_rows = eval_split.sample(tc.eval_max_rows, cfg.data.split_seed) if eval_split is not None else None
     if hooks is not None and hooks.presharded:
         plan = _BatchPlan(train.lengths, -(-tc.batch_size // world), 1, 0, tc.seed + rank, tc.length_grouping)
     else:
@@ -367,13 +368,6 @@ class _BatchPlan:
         batches = [order[s : s + self.bs] for s in range(0, self.per_epoch * self.bs, self.bs)]
         rng.shuffle(batches)
         return batches
-
-
-def _eval_subset(split: Split, limit: int | None, seed: int) -> Split:
-    if limit is None or len(split) <= limit:
-        return split
-    idx = sorted(random.Random(seed).sample(range(len(split)), limit))
-    return split.subset(idx)
 
 
 def _lr_lambda(warmup: int, total: int, schedule: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from softprompt import dataset as ds
 from softprompt import prompts, train
-from softprompt.config import JobConfig, config_from_dict
+from softprompt.config import DataConfig, JobConfig, config_from_dict
 from softprompt.dataset import Split
 from softprompt.engine import Prefix, label_scores
 from softprompt.errors import ConfigError, ModelError
@@ -190,6 +191,27 @@ def test_early_stopping_stops(tiny: LoadedModel, tmp_path: Path) -> None:
     # Running it again resumes a finished run: it trains no further.
     again = train.run(cfg, tiny, data, rows, tmp_path)
     assert again.stopped_early and again.steps == 3 and again.history == result.history
+
+
+def test_every_trial_of_a_sweep_is_scored_on_the_same_eval_rows(tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # train.seed is in the default search space; if it picked the eval subset, ASHA would compare
+    # trials on different rows. The subset follows data.split_seed only.
+    data, rows = synthetic(tiny.tokenizer, 16), synthetic(tiny.tokenizer, 40, seed=1)
+    seen: dict[tuple[int, int], list[int]] = {}
+    real = train.evaluate_embeddings
+
+    def spy(cfg: JobConfig, loaded: LoadedModel, embeds: torch.Tensor, split: Split, *rest: Any, **kw: Any) -> Any:
+        seen[(cfg.train.seed, cfg.data.split_seed)] = list(split.rows)
+        return real(cfg, loaded, embeds, split, *rest, **kw)
+
+    monkeypatch.setattr(train, "evaluate_embeddings", spy)
+    for seed, split_seed in ((0, 0), (1, 0), (2, 0), (0, 7)):
+        cfg = dataclasses.replace(syn_cfg(steps=1, warmup_steps=0, eval_every=1, eval_max_rows=12, seed=seed), data=DataConfig(train="unused.csv", split_seed=split_seed))
+        train.run(cfg, tiny, data, rows, tmp_path / f"{seed}-{split_seed}")
+    assert len(seen[(0, 0)]) == 12 and seen[(0, 0)] == sorted(seen[(0, 0)])
+    assert seen[(0, 0)] == seen[(1, 0)] == seen[(2, 0)]
+    assert seen[(0, 7)] != seen[(0, 0)]  # another data seed draws other rows
+    assert rows.sample(None, 0) is rows and rows.sample(40, 0) is rows
 
 
 def test_grad_accumulation_sums_micro_batches(tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
