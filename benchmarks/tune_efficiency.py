@@ -7,12 +7,14 @@
 Both sweeps draw the same trials (random search, same `tune.seed`, same search space: learning
 rate, prompt length, init, warmup, seed) on the same prepared data, each trial a Ray Train run.
 The only difference is `tune.scheduler`: `asha` (stop a trial whose best eval accuracy trails at a
-rung) or `none`. Printed: each sweep's best eval accuracy (what both rank on), the winners' test
-accuracy, optimizer steps summed over trials, and the ratio. Target: ASHA within 1 point of the full
-sweep's best with at most 40% of its steps.
+rung) or `none`. Each sweep ranks its trials on the eval accuracy (`train.eval_max_rows` rows of
+SST-2's dev split, the same rows for every trial) and ships its best trial's prompt.
 
-The eval accuracy is measured on `train.eval_max_rows` rows of SST-2's dev split, the test accuracy
-on the whole test split (1,821 rows).
+Target: ASHA within 1 point of the full sweep's best with at most 40% of its steps. "Best" is the
+accuracy of the prompt each sweep ships, measured on the held-out test split (1,821 rows): the
+eval accuracy is what the trials were selected on, so the full sweep's maximum over 12 trials is
+biased upward by selection (a 200-row eval moves 0.5 points per row; its standard error at 88% is
+~2.3 points). Both gaps are printed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ sys.path.insert(0, str(ROOT / "src"))
 from softprompt import dataset as ds  # noqa: E402
 from softprompt import ingest, jobs, tune  # noqa: E402
 from softprompt.config import JobConfig, load_config  # noqa: E402
+
+# Every trial is scored on the same eval rows, drawn with data.split_seed. Results files without
+# this key come from before that fix (each trial drew its rows with its own train.seed): not reusable.
+EVAL_ROWS_SEED = "data.split_seed"
 
 
 def main() -> int:
@@ -80,15 +86,16 @@ def main() -> int:
             "by_status": result.summary()["by_status"],
         }
     asha, full = rows["asha"], rows["none"]
-    gap = (full["best_eval_accuracy"] - asha["best_eval_accuracy"]) * 100
+    gap = (full["test_accuracy"] - asha["test_accuracy"]) * 100
+    eval_gap = (full["best_eval_accuracy"] - asha["best_eval_accuracy"]) * 100
     ratio = asha["total_steps"] / full["total_steps"]
     report = {
         "benchmark": "tune_efficiency", "quick": args.quick, "machine": _machine(), "model": cfg.model.name,
         "trials": cfg.tune.num_samples, "steps_per_trial": cfg.train.steps, "eval_every": cfg.train.eval_every,
-        "eval_rows": cfg.train.eval_max_rows, "reduction_factor": args.reduction_factor, "grace_period": args.grace_period,
+        "eval_rows": cfg.train.eval_max_rows, "eval_rows_seed": EVAL_ROWS_SEED, "reduction_factor": args.reduction_factor, "grace_period": args.grace_period,
         "batch_size": cfg.train.batch_size, "seed": args.seed, "workers_per_trial": args.workers,
         "full_sweep_reused_from": args.full_from, "asha": asha, "all_to_the_end": full,
-        "gap_points": round(gap, 2), "steps_ratio": round(ratio, 3),
+        "gap_points": round(gap, 2), "gap_basis": "winner's test accuracy", "eval_gap_points": round(eval_gap, 2), "steps_ratio": round(ratio, 3),
         # Each trial's workers are separate processes (one model copy each, ~1 GiB for SmolLM2);
         # this is the driver's own peak (the model it exports and scores the winners with).
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -99,7 +106,8 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for name, r in (("ASHA", asha), ("every trial to the end", full)):
         print(f"| {name} | {r['best_eval_accuracy'] * 100:.1f} | {r['test_accuracy'] * 100:.1f} | {r['total_steps']} | {r['seconds']:.0f}s |")
-    print(f"\nASHA: {gap:+.1f} points behind the full sweep's best, with {ratio:.0%} of its steps "
+    print(f"\nASHA's winner: {gap:+.1f} test points behind the full sweep's winner ({eval_gap:+.1f} on the eval rows both "
+          f"selected on), with {ratio:.0%} of its steps "
           f"(target: <= 1 point, <= 40%): {'met' if report['target_met'] else 'NOT met'}")
     path = Path(args.json or ROOT / "benchmarks" / "results" / f"tune_efficiency{'_quick' if args.quick else ''}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +119,7 @@ def main() -> int:
 def _reuse_full(args: argparse.Namespace, cfg: JobConfig) -> dict[str, Any]:
     earlier = json.loads(Path(args.full_from).read_text())
     same = {"model": cfg.model.name, "trials": cfg.tune.num_samples, "steps_per_trial": cfg.train.steps, "eval_every": cfg.train.eval_every,
-            "eval_rows": cfg.train.eval_max_rows, "batch_size": cfg.train.batch_size, "seed": args.seed, "workers_per_trial": args.workers}
+            "eval_rows": cfg.train.eval_max_rows, "eval_rows_seed": EVAL_ROWS_SEED, "batch_size": cfg.train.batch_size, "seed": args.seed, "workers_per_trial": args.workers}
     earlier.setdefault("seed", 0)  # files from before the seed was recorded ran the default seed, 0
     differ = {k: (earlier.get(k), v) for k, v in same.items() if earlier.get(k) != v}
     if differ:
