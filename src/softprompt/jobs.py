@@ -21,6 +21,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,17 +198,55 @@ def submit(cfg: JobConfig, command: str, address: str, *, run_dir: str | None = 
         entrypoint = "softprompt " + " ".join(_quote(a) for a in [*args, *(extra_args or [])])
         with tempfile.TemporaryDirectory(prefix="softprompt-job-") as tmp:
             (Path(tmp) / JOB_CONFIG).write_text(yaml.safe_dump(to_dict(job_cfg), sort_keys=False))
-            try:
-                client.submit_job(
-                    entrypoint=entrypoint, submission_id=sid, runtime_env={"working_dir": tmp},
-                    metadata={"softprompt_command": command, "softprompt_run": str(job_cfg.run_name)},
-                )
-                print(f"submitted job {sid} to {address}: {entrypoint}")
-            except RuntimeError as exc:
-                if "already exists" not in str(exc):
-                    raise SoftpromptError(f"submitting job {sid} to {address} failed: {exc}") from exc
-                print(f"job {sid} was just submitted by another caller; re-attaching")
+            submit_job(client, address, sid, entrypoint, runtime_env={"working_dir": tmp},
+                       metadata={"softprompt_command": command, "softprompt_run": str(job_cfg.run_name)})
     return follow(client, sid)
+
+
+class SubmitError(SoftpromptError):
+    """A Ray Job could not be submitted."""
+
+
+SUBMIT_WAIT_SECONDS = 120.0
+"""How long `submit_job` keeps retrying a head that is not ready or a dropped connection."""
+
+
+def submit_job(
+    client: Any, address: str, sid: str, entrypoint: str, *, runtime_env: dict[str, Any] | None, metadata: dict[str, str],
+    echo: Callable[[str], None] = print, wait_seconds: float = SUBMIT_WAIT_SECONDS,
+) -> bool:
+    """Submit a Ray Job under a fixed submission id; returns True when that id already exists
+    (another attempt, or this one before a dropped connection, submitted it): follow it instead.
+
+    Transient failures are retried with backoff for up to `wait_seconds`: a head that just started
+    (or restarted) answers 500 "No available agent to submit job, please try again later" until
+    its job agent has registered, and a busy head may drop the connection (requests'
+    ConnectionError, an OSError), perhaps after it created the job, in which case the retry meets
+    "already exists" and re-attaches. Anything else raises `SubmitError` at once.
+    """
+    deadline = time.monotonic() + wait_seconds
+    attempt = 0
+    while True:
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env, metadata=metadata)
+            echo(f"submitted Ray job {sid} to {address}: {entrypoint}")
+            return False
+        except (RuntimeError, OSError) as exc:
+            if isinstance(exc, RuntimeError) and "already exists" in str(exc):
+                echo(f"Ray job {sid} was just submitted by another attempt: re-attaching")
+                return True
+            if isinstance(exc, OSError):
+                what = f"the connection to Ray at {address} dropped ({exc})"
+            elif "try again later" in str(exc):
+                what = f"Ray at {address} is not ready to take jobs yet ({exc})"
+            else:
+                raise SubmitError(f"could not submit Ray job {sid} to {address}: {exc}") from exc
+            delay = min(2.0**attempt, 15.0)
+            if time.monotonic() + delay > deadline:
+                raise SubmitError(f"could not submit Ray job {sid} to {address}: {exc}") from exc
+            echo(f"{what}; retrying in {delay:.0f}s")
+            time.sleep(delay)
+            attempt += 1
 
 
 def follow(client: Any, sid: str) -> int:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from softprompt import __version__
+from softprompt import __version__, jobs
 from softprompt.errors import SoftpromptError
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -382,35 +382,12 @@ def _stop(client: Any, sid: str, echo: Echo) -> None:
 
 
 def _submit(client: Any, address: str, sid: str, entrypoint: str, runtime_env: dict[str, Any] | None, echo: Echo) -> bool:
-    """Submit; returns True when another attempt had just submitted it (re-attach)."""
-    deadline = time.monotonic() + SUBMIT_WAIT_SECONDS
-    attempt = 0
-    while True:
-        try:
-            client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
-                              metadata={"app": "softprompt", "component": "tune"})
-            echo(f"submitted Ray job {sid} to {address}: {entrypoint}")
-            return False
-        except (RuntimeError, OSError) as exc:
-            if isinstance(exc, RuntimeError) and "already exists" in str(exc):
-                echo(f"Ray job {sid} was just submitted by another attempt: re-attaching")
-                return True
-            # Transient: a head that just started (or restarted) answers 500 "No available agent to
-            # submit job, please try again later" until its job agent has registered; a busy head
-            # may drop the connection (requests' ConnectionError, an OSError), perhaps after it
-            # created the job, in which case the retry meets "already exists" and re-attaches.
-            if isinstance(exc, OSError):
-                what = f"the connection to Ray at {address} dropped ({exc})"
-            elif "try again later" in str(exc):
-                what = f"Ray at {address} is not ready to take jobs yet ({exc})"
-            else:
-                raise RayLaunchError(f"could not submit Ray job {sid} to {address}: {exc}") from exc
-            delay = min(2.0**attempt, 15.0)
-            if time.monotonic() + delay > deadline:
-                raise RayLaunchError(f"could not submit Ray job {sid} to {address}: {exc}") from exc
-            echo(f"{what}; retrying in {delay:.0f}s")
-            time.sleep(delay)
-            attempt += 1
+    """Submit (retrying a head that is not ready or a dropped connection); True when re-attaching."""
+    try:
+        return jobs.submit_job(client, address, sid, entrypoint, runtime_env=runtime_env,
+                               metadata={"app": "softprompt", "component": "tune"}, echo=echo, wait_seconds=SUBMIT_WAIT_SECONDS)
+    except jobs.SubmitError as exc:
+        raise RayLaunchError(str(exc)) from exc
 
 
 def _kube_api_client() -> Any:
