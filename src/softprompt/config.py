@@ -246,8 +246,7 @@ class RayConfig:
     """Checkpoints kept per training run (the best by eval metric, and always the latest)."""
     train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Level of Ray Train's own logs on the console (`INFO` shows every worker's every report and
-    worker-group start; Ray's log files keep every level whatever this says). On Ray 2.60 some
-    "Reporting training result" lines still reach the console at `WARNING`."""
+    worker-group start; Ray's log files keep every level whatever this says)."""
 
 
 _DEFAULT_SEARCH_SPACE: dict[str, dict[str, Any]] = {

@@ -343,7 +343,11 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     cfg = config_from_dict(config["cfg"])
     # Ray Train's LoggingConfig filters its console handler, but worker records also reach the
     # driver through Ray's own handler: set the level at the source too (every report is INFO).
-    logging.getLogger("ray.train").setLevel(cfg.ray.train_log_level)
+    # Ray 2.60's per-report line comes from a logger named by its file path, outside "ray.train".
+    from ray.train.v2._internal.execution import context as train_context  # [ray]
+
+    for name in ("ray.train", train_context.__file__):
+        logging.getLogger(name).setLevel(cfg.ray.train_log_level)
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.ray.use_gpu:

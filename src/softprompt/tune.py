@@ -281,6 +281,12 @@ class LiveView(Callback):
         self.best: tuple[float, str] | None = None
         self.started = time.monotonic()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Tuner.restore brings back the callbacks pickled with the sweep; a monotonic clock read in
+        # another process means nothing here, so the restored view times this driver's run.
+        self.__dict__.update(state)
+        self.started = time.monotonic()
+
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.states[trial.trial_id] = "running"
         params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in sorted((trial.config or {}).items()))

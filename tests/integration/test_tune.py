@@ -4,6 +4,7 @@ stopped driver resumed by `Tuner.restore` without redoing finished trials."""
 
 from __future__ import annotations
 
+import pickle
 import signal
 import subprocess
 import sys
@@ -46,6 +47,14 @@ def test_the_search_space_is_checked_before_any_trial_runs() -> None:
     assert {domains["a.b"].sample() for _ in range(50)} == {1, 2, 3} and domains["c.d"].sample() == "x"
 
 
+def test_a_restored_live_view_times_the_new_driver() -> None:
+    view = tune.LiveView("accuracy", 2, 12)
+    view.started -= 10_000  # as if pickled by a driver that started long ago (or in another process)
+    restored = pickle.loads(pickle.dumps(view))
+    assert 0 <= time.monotonic() - restored.started < 60
+    assert (restored.metric, restored.total, restored.steps) == ("accuracy", 2, 12)
+
+
 def test_two_trials_of_two_workers_run_side_by_side(
     tiny_task: TinyTask, ray_session: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -66,8 +75,11 @@ def test_two_trials_of_two_workers_run_side_by_side(
     assert all((d / ADAPTER_WEIGHTS).is_file() for d in result.adapter_dirs)
     assert result.best_config.train.lr == result.best.params["train.lr"]
     assert (tmp_path / "run" / "tune" / "tune_result.json").is_file()
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "started" in out and "finished at step 12" in out and "best accuracy" in out
+    # ray.train_log_level (WARNING) silences Ray Train's per-report INFO lines from the workers.
+    assert "Reporting training result" not in out + captured.err
     # The trials gauge reaches Prometheus as ray_softprompt_trials{state=...}.
     deadline, text = time.monotonic() + 30, ""
     while time.monotonic() < deadline and 'ray_softprompt_trials{' not in text:
