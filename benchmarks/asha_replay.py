@@ -7,9 +7,13 @@ Training is deterministic on CPU, so a trial's per-evaluation curve (`best_metri
 `training_iteration` in each trial's `result.json`) is what any scheduler would have seen up to
 where it stops the trial. This applies Ray's `AsyncHyperBandScheduler` rule to those curves: at a
 rung, a trial goes on only if its value is at least the (1 - 1/reduction_factor) percentile of the
-values recorded at that rung before it. Trials start in id order, `--concurrent` at a time, all at
-the same speed. Printed per setting: the share of the full sweep's steps ASHA would spend and how
-many points its best trails the full sweep's best. A model of the run, not a measurement: report
+values recorded at that rung before it, so the first trials to reach a rung always go on (Ray
+stops trials, it never pauses them). Next to it, `promote`: the rule of the ASHA paper (Li et al.,
+2020), where a trial reaching a rung with fewer than `reduction_factor` results there waits
+(paused, its resources freed for the next trial) until the rung has enough results to judge it.
+Trials start in id order, `--concurrent` at a time, all at the same speed. Printed per setting:
+the share of the full sweep's steps ASHA would spend, how many points its best trails the full
+sweep's best, and the trials it runs to the end. A model of the run, not a measurement: report
 ordering in a real sweep depends on timing (`benchmarks/tune_efficiency.py` measures).
 """
 
@@ -41,7 +45,8 @@ def replay(curves: dict[str, list[float]], reduction_factor: int, grace: int, co
     n = int(math.log(max_t / grace) / math.log(reduction_factor) + 1)
     milestones = sorted({grace * reduction_factor**k for k in range(n)}, reverse=True)
     recorded: dict[int, dict[str, float]] = {m: {} for m in milestones}
-    pending, running, ran, now = sorted(curves), {}, {}, 0
+    pending, ran, now = sorted(curves), {}, 0
+    running: dict[str, tuple[int, int]] = {}
     while pending or running:
         while pending and len(running) < concurrent:
             running[pending.pop(0)] = (now, 0)  # (start time, rounds reported); a round takes 1
@@ -66,18 +71,81 @@ def replay(curves: dict[str, list[float]], reduction_factor: int, grace: int, co
     return share, behind, ran
 
 
+def replay_promote(curves: dict[str, list[float]], reduction_factor: int, grace: int, concurrent: int) -> tuple[float, float, dict[str, int]]:
+    """Like `replay`, but a trial reaching a rung with fewer than `reduction_factor` results there
+    (itself included) pauses until there are enough; when no trial is left to run, the paused ones
+    are judged on what their rungs hold."""
+    rf = reduction_factor
+    rounds = max(len(c) for c in curves.values())
+    n = int(math.log((rounds + 1) / grace) / math.log(rf) + 1)
+    milestones = sorted({grace * rf**k for k in range(n)})
+    recorded: dict[int, dict[str, float]] = {m: {} for m in milestones}
+    pending, resume, ran = sorted(curves), [], {}
+    running: dict[str, tuple[float, int]] = {}
+    paused: dict[str, tuple[int, int]] = {}
+    now = 0.0
+
+    def judge(m: int, force: bool) -> None:
+        values = list(recorded[m].values())
+        if len(values) < rf and not force:
+            return
+        cutoff = float(np.nanpercentile(values, (1 - 1 / rf) * 100))
+        for tid, (rung, it) in list(paused.items()):
+            if rung == m:
+                del paused[tid]
+                if recorded[m][tid] >= cutoff:
+                    resume.append((tid, it))
+                else:
+                    ran[tid] = it
+
+    while pending or running or paused or resume:
+        while len(running) < concurrent and (resume or pending):
+            tid, it = resume.pop(0) if resume else (pending.pop(0), 0)
+            running[tid] = (now, it)
+        if not running:
+            judge(min(rung for rung, _ in paused.values()), force=True)
+            continue
+        tid = min(running, key=lambda k: (running[k][0] + 1, k))
+        it = running[tid][1] + 1
+        now = running[tid][0] + 1
+        value, action = curves[tid][it - 1], "go"
+        for m in milestones:
+            if it == m and tid not in recorded[m]:
+                earlier = list(recorded[m].values())
+                recorded[m][tid] = value
+                if len(earlier) + 1 < rf:
+                    action = "pause"
+                elif value < float(np.nanpercentile(earlier, (1 - 1 / rf) * 100)):
+                    action = "stop"
+                break
+        del running[tid]
+        if action == "stop" or it == len(curves[tid]):
+            ran[tid] = it
+        elif action == "pause":
+            paused[tid] = (m, it)
+        else:
+            running[tid] = (now, it)
+        for m in milestones:
+            judge(m, force=False)
+    share = sum(ran.values()) / sum(len(c) for c in curves.values())
+    behind = (max(max(c) for c in curves.values()) - max(max(curves[t][: ran[t]]) for t in ran)) * 100
+    return share, behind, ran
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", type=Path, help="the full sweep's Tune experiment folder (<run>/ray/tune)")
     args = p.parse_args()
     curves = load_curves(args.experiment)
-    print("| grace (rounds) | reduction factor | trials at a time | steps vs full | points behind |")
-    print("|---|---|---|---|---|")
+    print("| rule | grace (rounds) | reduction factor | trials at a time | steps vs full | points behind | run to the end |")
+    print("|---|---|---|---|---|---|---|")
     for grace in (1, 2, 3):
-        for rf in (2, 3, 4, 5, 6):
+        for rf in (2, 3, 4, 5):
             for concurrent in (1, 2, 3):
-                share, behind, _ = replay(curves, rf, grace, concurrent)
-                print(f"| {grace} | {rf} | {concurrent} | {share:.0%} | {behind:.1f} |")
+                for rule, fn in (("Ray (stop)", replay), ("promote", replay_promote)):
+                    share, behind, ran = fn(curves, rf, grace, concurrent)
+                    ends = ", ".join(t.split("_")[-1] for t, r in ran.items() if r == len(curves[t]))
+                    print(f"| {rule} | {grace} | {rf} | {concurrent} | {share:.0%} | {behind:.1f} | {ends} |")
     return 0
 
 
