@@ -2,6 +2,7 @@
 """Replay async ASHA on the recorded curves of a sweep that ran every trial to the end.
 
     python benchmarks/asha_replay.py runs/bench-tune/full/none/ray/tune
+    python benchmarks/asha_replay.py benchmarks/results/tune_efficiency.json   # the curves it recorded
 
 Training is deterministic on CPU, so a trial's per-evaluation curve (`best_metric` per
 `training_iteration` in each trial's `result.json`) is what any scheduler would have seen up to
@@ -28,7 +29,13 @@ import numpy as np
 
 
 def load_curves(experiment: Path) -> dict[str, list[float]]:
-    """Trial id -> best-so-far eval metric after each evaluation round."""
+    """Trial id -> best-so-far eval metric after each evaluation round, from a Tune experiment
+    folder or from the `curves` a `tune_efficiency.py` results file recorded."""
+    if experiment.is_file():
+        recorded: dict[str, list[float]] = json.loads(experiment.read_text()).get("curves") or {}
+        if not recorded:
+            raise SystemExit(f"{experiment} records no curves (results from before they were recorded)")
+        return recorded
     curves = {}
     for trial in sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "result.json").is_file()):
         rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
@@ -134,7 +141,7 @@ def replay_promote(curves: dict[str, list[float]], reduction_factor: int, grace:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", type=Path, help="the full sweep's Tune experiment folder (<run>/ray/tune)")
+    p.add_argument("experiment", type=Path, help="the full sweep's Tune experiment folder (<run>/ray/tune) or a tune_efficiency results file")
     args = p.parse_args()
     curves = load_curves(args.experiment)
     print("| rule | grace (rounds) | reduction factor | trials at a time | steps vs full | points behind | run to the end |")

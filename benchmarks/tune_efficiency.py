@@ -35,6 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from softprompt import dataset as ds  # noqa: E402
 from softprompt import ingest, jobs, tune  # noqa: E402
@@ -90,6 +91,12 @@ def main() -> int:
             "by_status": result.summary()["by_status"],
         }
     asha, full = rows["asha"], rows["none"]
+    if reused is None:  # the full sweep's per-round curves, for benchmarks/asha_replay.py
+        from asha_replay import load_curves
+
+        curves = load_curves(out / "none" / "ray" / "tune")
+    else:
+        curves = json.loads(Path(args.full_from).read_text()).get("curves") or {}
     gap = (full["test_accuracy"] - asha["test_accuracy"]) * 100
     eval_gap = (full["best_eval_accuracy"] - asha["best_eval_accuracy"]) * 100
     ratio = asha["total_steps"] / full["total_steps"]
@@ -104,6 +111,7 @@ def main() -> int:
         # this is the driver's own peak (the model it exports and scores the winners with).
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "target_met": gap <= 1.0 and ratio <= 0.40,
+        "curves": curves,  # trial id -> the full sweep's best-so-far eval accuracy after each round
     }
     print()
     print("| sweep | best eval acc | winner test acc | steps | wall |")
