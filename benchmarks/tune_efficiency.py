@@ -77,7 +77,7 @@ def main() -> int:
     rows: dict[str, Any] = {}
     reused = _reuse_full(args, cfg) if args.full_from else None
     if reused is not None:
-        rows["none"] = reused
+        rows["none"] = reused["all_to_the_end"]
     for scheduler in ("asha",) if reused is not None else ("asha", "none"):
         sweep_cfg = _config(args, out, f"tune.scheduler={scheduler}", f"run_name={scheduler}")
         t0 = time.perf_counter()
@@ -96,7 +96,7 @@ def main() -> int:
 
         curves = load_curves(out / "none" / "ray" / "tune")
     else:
-        curves = json.loads(Path(args.full_from).read_text()).get("curves") or {}
+        curves = reused.get("curves") or {}
     gap = (full["test_accuracy"] - asha["test_accuracy"]) * 100
     eval_gap = (full["best_eval_accuracy"] - asha["best_eval_accuracy"]) * 100
     ratio = asha["total_steps"] / full["total_steps"]
@@ -129,6 +129,7 @@ def main() -> int:
 
 
 def _reuse_full(args: argparse.Namespace, cfg: JobConfig) -> dict[str, Any]:
+    """The earlier results file, checked to have run the same trials."""
     earlier = json.loads(Path(args.full_from).read_text())
     same = {"model": cfg.model.name, "trials": cfg.tune.num_samples, "steps_per_trial": cfg.train.steps, "eval_every": cfg.train.eval_every,
             "eval_rows": cfg.train.eval_max_rows, "eval_rows_seed": EVAL_ROWS_SEED, "batch_size": cfg.train.batch_size, "seed": args.seed, "workers_per_trial": args.workers}
@@ -137,8 +138,8 @@ def _reuse_full(args: argparse.Namespace, cfg: JobConfig) -> dict[str, Any]:
     if differ:
         raise SystemExit(f"--full-from {args.full_from} ran other trials: {differ} (earlier, now)")
     print(f"reusing the every-trial-to-the-end sweep of {args.full_from} (same trials; CPU training is deterministic)")
-    row: dict[str, Any] = earlier["all_to_the_end"]
-    return row
+    result: dict[str, Any] = earlier
+    return result
 
 
 def _overrides(args: argparse.Namespace, out: Path) -> list[str]:

@@ -43,7 +43,7 @@ RAY_VERSION = "2.60.0"
 """Must match the ray wheel in the image (Dockerfile RAY_VERSION)."""
 POLL_SECONDS = 10.0
 """How often a RayJob's status and its submitter's log are read."""
-SUBMIT_WAIT_SECONDS = 120.0
+SUBMIT_WAIT_SECONDS = jobs.SUBMIT_WAIT_SECONDS
 """How long a Jobs API submission is retried while the head asks to "try again later"."""
 Echo = Callable[[str], None]
 
