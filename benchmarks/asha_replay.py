@@ -139,6 +139,50 @@ def replay_promote(curves: dict[str, list[float]], reduction_factor: int, grace:
     return share, behind, ran
 
 
+def replay_scheduler(curves: dict[str, list[float]], reduction_factor: int, grace: int, concurrent: int) -> tuple[float, float, dict[str, int]]:
+    """`tune.scheduler=asha_promote`: softprompt's `PromotionScheduler` itself (its decisions, fed
+    the curves) under the same equal-speed model. Every trial waits at each rung until it is in the
+    top 1/reduction_factor there; a free slot first promotes a waiting trial, else starts a new one."""
+    from softprompt.asha import PromotionScheduler
+
+    rounds = max(len(c) for c in curves.values())
+    sched = PromotionScheduler(metric="m", steps=rounds, eval_every=1, grace_period=grace, reduction_factor=reduction_factor,
+                               max_concurrent=concurrent, num_samples=len(curves))
+    pending, ran, now = sorted(curves), {}, 0.0
+    running: dict[str, tuple[float, int]] = {}  # trial -> (time of its last report, rounds reported)
+    done: dict[str, int] = {}
+    while True:
+        while len(sched.active) < concurrent:
+            nxt = sched.next_promotion() or (sched.last_chance() if not pending and not sched.active else None)
+            if nxt is not None:
+                sched.promote(*nxt)
+                running[nxt[0]] = (now, done.pop(nxt[0]))
+            elif pending:
+                tid = pending.pop(0)
+                sched.start(tid)
+                running[tid] = (now, 0)
+            else:
+                break
+        if not running:
+            ran.update(done)  # the trials still waiting end at their rungs
+            break
+        tid = min(running, key=lambda k: (running[k][0] + 1, k))
+        now, it = running[tid][0] + 1, running[tid][1] + 1
+        decision = sched.arrive(tid, it, curves[tid][it - 1])
+        if it == len(curves[tid]):
+            del running[tid]
+            sched.leave(tid, it)
+            ran[tid] = it
+        elif decision == "PAUSE":
+            del running[tid]
+            done[tid] = it
+        else:
+            running[tid] = (now, it)
+    share = sum(ran.values()) / sum(len(c) for c in curves.values())
+    behind = (max(max(c) for c in curves.values()) - max(max(curves[t][: ran[t]]) for t in ran)) * 100
+    return share, behind, ran
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", type=Path, help="the full sweep's Tune experiment folder (<run>/ray/tune) or a tune_efficiency results file")
@@ -149,7 +193,7 @@ def main() -> int:
     for grace in (1, 2, 3):
         for rf in (2, 3, 4, 5):
             for concurrent in (1, 2, 3):
-                for rule, fn in (("Ray (stop)", replay), ("promote", replay_promote)):
+                for rule, fn in (("Ray (stop)", replay), ("promote", replay_promote), ("asha_promote", replay_scheduler)):
                     share, behind, ran = fn(curves, rf, grace, concurrent)
                     ends = ", ".join(t.split("_")[-1] for t, r in ran.items() if r == len(curves[t]))
                     print(f"| {rule} | {grace} | {rf} | {concurrent} | {share:.0%} | {behind:.1f} | {ends} |")

@@ -6,8 +6,10 @@
 
 Both sweeps draw the same trials (random search, same `tune.seed`, same search space: learning
 rate, prompt length, init, warmup, seed) on the same prepared data, each trial a Ray Train run.
-The only difference is `tune.scheduler`: `asha` (stop a trial whose best eval accuracy trails at a
-rung) or `none`. Each sweep ranks its trials on the eval accuracy (`train.eval_max_rows` rows of
+The only difference is `tune.scheduler`: `asha_promote` (the ASHA paper's rule: a trial waits at
+each rung until it is in the top third there), `asha` (Ray's ASHAScheduler: stop a trial whose best
+eval accuracy trails the ones that reached the rung before it; `--schedulers asha_promote,asha`
+runs both) or `none`. Each sweep ranks its trials on the eval accuracy (`train.eval_max_rows` rows of
 SST-2's dev split, the same rows for every trial) and ships its best trial's prompt.
 
 At 216 steps per trial ASHA's rungs fall at 24, 72 and 216 steps: after the first few hundred
@@ -59,6 +61,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0, help="tune.seed: which trials are drawn")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-tune"), help="work folder")
     p.add_argument("--json", default=None, help="write the results here (default benchmarks/results/tune_efficiency[_quick].json)")
+    p.add_argument("--schedulers", default="asha_promote",
+                   help="comma-separated early-stopping schedulers to run against the full sweep (asha_promote, asha); "
+                        "the first is judged against the target")
     p.add_argument("--full-from", default=None,
                    help="reuse the every-trial-to-the-end sweep of an earlier results file with the same trials (model, trial count, "
                         "steps, eval rows, batch, seed): training is deterministic on CPU, so only the ASHA sweep runs again")
@@ -75,10 +80,16 @@ def main() -> int:
 
     loaded = load_model(cfg.model)
     rows: dict[str, Any] = {}
+    early = [s.strip() for s in args.schedulers.split(",") if s.strip()]
+    if not early or set(early) - {"asha", "asha_promote"}:
+        raise SystemExit(f"--schedulers {args.schedulers!r}: name asha_promote and/or asha")
     reused = _reuse_full(args, cfg) if args.full_from else None
     if reused is not None:
         rows["none"] = reused["all_to_the_end"]
-    for scheduler in ("asha",) if reused is not None else ("asha", "none"):
+        prior = reused.get("asha") or {}
+        if prior and prior.get("scheduler", "asha") not in early:  # files before --schedulers ran Ray's asha
+            rows[prior.get("scheduler", "asha")] = {**prior, "scheduler": prior.get("scheduler", "asha"), "reused_from": args.full_from}
+    for scheduler in early if reused is not None else [*early, "none"]:
         sweep_cfg = _config(args, out, f"tune.scheduler={scheduler}", f"run_name={scheduler}")
         t0 = time.perf_counter()
         result = tune.run(sweep_cfg, out / "data", out / scheduler, loaded=loaded, progress=True)
@@ -88,9 +99,9 @@ def main() -> int:
             "best_eval_accuracy": result.best.best_metric, "best_trial": result.best.trial_id, "best_params": result.best.params,
             "test_accuracy": _test_accuracy(sweep_cfg, loaded, out / "data", result.adapter_dirs[0]),
             "total_steps": result.total_steps, "seconds": round(seconds, 1),
-            "by_status": result.summary()["by_status"],
+            "by_status": result.summary()["by_status"], "scheduler": scheduler,
         }
-    asha, full = rows["asha"], rows["none"]
+    asha, full = rows[early[0]], rows["none"]
     if reused is None:  # the full sweep's per-round curves, for benchmarks/asha_replay.py
         from asha_replay import load_curves
 
@@ -106,6 +117,8 @@ def main() -> int:
         "eval_rows": cfg.train.eval_max_rows, "eval_rows_seed": EVAL_ROWS_SEED, "reduction_factor": args.reduction_factor, "grace_period": args.grace_period,
         "batch_size": cfg.train.batch_size, "seed": args.seed, "workers_per_trial": args.workers,
         "full_sweep_reused_from": args.full_from, "asha": asha, "all_to_the_end": full,
+        "sweeps": {name: {**row, "steps_ratio": round(row["total_steps"] / full["total_steps"], 3),
+                          "gap_points": round((full["test_accuracy"] - row["test_accuracy"]) * 100, 2)} for name, row in rows.items()},
         "gap_points": round(gap, 2), "gap_basis": "winner's test accuracy", "eval_gap_points": round(eval_gap, 2), "steps_ratio": round(ratio, 3),
         # Each trial's workers are separate processes (one model copy each, ~1 GiB for SmolLM2);
         # this is the driver's own peak (the model it exports and scores the winners with).
@@ -116,9 +129,10 @@ def main() -> int:
     print()
     print("| sweep | best eval acc | winner test acc | steps | wall |")
     print("|---|---|---|---|---|")
-    for name, r in (("ASHA", asha), ("every trial to the end", full)):
+    names = {"asha_promote": "ASHA by promotion (asha_promote)", "asha": "Ray's ASHA (asha)", "none": "every trial to the end"}
+    for name, r in ((names[k] + (" (earlier run)" if "reused_from" in rows[k] else ""), rows[k]) for k in [*early, *(k for k in rows if k not in early)]):
         print(f"| {name} | {r['best_eval_accuracy'] * 100:.1f} | {r['test_accuracy'] * 100:.1f} | {r['total_steps']} | {r['seconds']:.0f}s |")
-    print(f"\nASHA's winner: {gap:+.1f} test points behind the full sweep's winner ({eval_gap:+.1f} on the eval rows both "
+    print(f"\n{names[early[0]]}'s winner: {gap:+.1f} test points behind the full sweep's winner ({eval_gap:+.1f} on the eval rows both "
           f"selected on), with {ratio:.0%} of its steps "
           f"(target: <= 1 point, <= 40%): {'met' if report['target_met'] else 'NOT met'}")
     path = Path(args.json or ROOT / "benchmarks" / "results" / f"tune_efficiency{'_quick' if args.quick else ''}.json")

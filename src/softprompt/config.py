@@ -275,15 +275,18 @@ class TuneConfig:
     search: Literal["random", "optuna"] = "random"
     """`random` samples the space independently; `optuna` (TPE) proposes each trial from the results
     so far (better with 10+ trials, and it limits how many trials run at once to stay informed)."""
-    scheduler: Literal["asha", "none"] = "asha"
-    """`asha` stops trials whose eval metric trails the others at the same point; `none` runs every
-    trial to `train.steps`."""
+    scheduler: Literal["asha", "asha_promote", "none"] = "asha"
+    """`asha` (Ray's ASHAScheduler) stops a trial whose eval metric trails the trials that reached
+    the same point before it; the first to arrive always go on. `asha_promote` is the ASHA paper's
+    rule: a trial waits (paused, its workers freed) at each rung until it is in the top
+    1/reduction_factor of the trials there, so fewer steps are spent, at the cost of restarting a
+    promoted trial's Train run from its checkpoint (seconds). `none` runs every trial to `train.steps`."""
     grace_period: int = 1
     """ASHA: evaluation rounds (of `train.eval_every` steps) every trial runs before it can be stopped."""
     reduction_factor: int = 3
     """ASHA: keep the top 1/reduction_factor of trials at each rung (rungs at grace_period x rf^k rounds)."""
     max_t: int | None = None
-    """ASHA: evaluation rounds of a full trial; `null` derives ceil(train.steps / train.eval_every) + 1
+    """`asha` only: evaluation rounds of a full trial; `null` derives ceil(train.steps / train.eval_every) + 1
     (one past the last round, so ASHA never stops a trial at its final report)."""
     metric: Literal["accuracy", "macro_f1"] | None = None
     """Eval metric that trials are ranked and stopped on; `null` uses `evaluate.primary_metric`."""
@@ -516,8 +519,8 @@ def _tune_problems(cfg: JobConfig) -> list[str]:
         problems.append(f"tune.max_concurrent_trials={t.max_concurrent_trials} must be at least 1 or null")
     if t.top_k_ensemble < 1:
         problems.append(f"tune.top_k_ensemble={t.top_k_ensemble} must be at least 1 (1 turns ensembles off)")
-    if t.num_samples >= 1 and t.scheduler == "asha" and tr.eval_every == 0:
-        problems.append("tune.scheduler=asha compares trials at evaluations: set train.eval_every > 0 or tune.scheduler=none")
+    if t.num_samples >= 1 and t.scheduler != "none" and tr.eval_every == 0:
+        problems.append(f"tune.scheduler={t.scheduler} compares trials at evaluations: set train.eval_every > 0 or tune.scheduler=none")
     base: list[str] | None = None
     hints = {name: typing.get_type_hints(typing.cast(type, tp)) for name, tp in typing.get_type_hints(JobConfig).items() if dataclasses.is_dataclass(tp)}
     for key, spec in t.search_space.items():

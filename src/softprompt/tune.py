@@ -129,8 +129,6 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, loaded: Lo
         SoftpromptError: when the sweep was interrupted (rerun to resume) or no trial produced a prompt.
     """
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     t = cfg.tune
     # Trials run in their own working directories: every local path they get must be absolute.
@@ -164,30 +162,15 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, loaded: Lo
             _remove(experiment_path, fs)
         sweep_file.parent.mkdir(parents=True, exist_ok=True)
         sweep_file.write_text(json.dumps(sweep, indent=1, sort_keys=True))
-        if t.scheduler == "asha":
-            rounds = math.ceil(trial_cfg.train.steps / trial_cfg.train.eval_every)
-            # Derived max_t is one past the last round: ASHA would otherwise "stop" every trial at
-            # its final report, killing its Train run instead of letting it shut down by itself.
-            max_t = t.max_t or rounds + 1
-            scheduler: Any = ASHAScheduler(
-                time_attr="training_iteration", max_t=max_t, grace_period=min(t.grace_period, max_t), reduction_factor=t.reduction_factor
-            )
-        else:
-            scheduler = FIFOScheduler()
-        if t.search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            search: Any = OptunaSearch(seed=t.seed)
-        else:
-            # Tune ignores max_concurrent_trials for a generator passed in: it takes its own limit.
-            search = BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
+        scheduler, search = _scheduler_and_search(t, trial_cfg, concurrency)
         tuner = ray.tune.Tuner(
             trainable,
             param_space=search_space(t.search_space) if t.num_samples >= 1 else {},
             tune_config=ray.tune.TuneConfig(
                 metric=TUNE_METRIC, mode="max", search_alg=search, scheduler=scheduler, num_samples=max(1, t.num_samples),
-                # A searcher (Optuna) is limited by Tune; the random generator limits itself (above).
-                max_concurrent_trials=concurrency if t.search == "optuna" else None, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                # A searcher (Optuna) is limited by Tune; the random generator limits itself, and
+                # asha_promote limits both through its scheduler (see _scheduler_and_search).
+                max_concurrent_trials=concurrency if t.search == "optuna" and t.scheduler != "asha_promote" else None, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
             ),
             run_config=ray.tune.RunConfig(
                 name=EXPERIMENT, storage_path=storage_path, storage_filesystem=fs, callbacks=[view], verbose=0,
@@ -231,6 +214,42 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, loaded: Lo
         json.dumps({**result.summary(), "trials": [t.__dict__ for t in trials]}, indent=1, default=str)
     )
     return result
+
+
+def _scheduler_and_search(t: Any, trial_cfg: JobConfig, concurrency: int) -> tuple[Any, Any]:
+    """Tune's scheduler and search algorithm for `tune.scheduler` and `tune.search`."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    tr = trial_cfg.train
+    if t.scheduler == "asha_promote":
+        from softprompt import asha
+
+        promote = asha.PromotionScheduler(
+            metric=TUNE_METRIC, steps=tr.steps, eval_every=tr.eval_every, grace_period=t.grace_period,
+            reduction_factor=t.reduction_factor, max_concurrent=concurrency, num_samples=max(1, t.num_samples),
+        )
+        if t.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            return promote, asha.GatedSearchGenerator(OptunaSearch(seed=t.seed), promote)
+        return promote, asha.GatedVariantGenerator(promote, random_state=t.seed)
+    if t.scheduler == "asha":
+        rounds = math.ceil(tr.steps / tr.eval_every)
+        # Derived max_t is one past the last round: ASHA would otherwise "stop" every trial at
+        # its final report, killing its Train run instead of letting it shut down by itself.
+        max_t = t.max_t or rounds + 1
+        scheduler: Any = ASHAScheduler(
+            time_attr="training_iteration", max_t=max_t, grace_period=min(t.grace_period, max_t), reduction_factor=t.reduction_factor
+        )
+    else:
+        scheduler = FIFOScheduler()
+    if t.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return scheduler, OptunaSearch(seed=t.seed)
+    # Tune ignores max_concurrent_trials for a generator passed in: it takes its own limit.
+    return scheduler, BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
 
 
 def search_space(spec: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -288,6 +307,10 @@ class LiveView(Callback):
         self.started = time.monotonic()
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if self.states.get(trial.trial_id) == "paused":  # asha_promote promoted it past its rung
+            self.states[trial.trial_id] = "running"
+            self._line(f"trial {trial.trial_id} promoted: resumes from step {(trial.last_result or {}).get('step')}")
+            return
         self.states[trial.trial_id] = "running"
         params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in sorted((trial.config or {}).items()))
         self._line(f"trial {trial.trial_id} started ({params})")
@@ -299,6 +322,13 @@ class LiveView(Callback):
         if value is not None:
             self._line(f"trial {trial.trial_id} step {result.get('step')}: {self.metric} {value:.4f} (trial best {best:.4f})")
 
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        # Tune has no pause event for callbacks: asha_promote's paused trials are seen by status.
+        for trial in trials:
+            if trial.status == "PAUSED" and self.states.get(trial.trial_id) == "running":
+                self.states[trial.trial_id] = "paused"
+                self._line(f"trial {trial.trial_id} waits at step {(trial.last_result or {}).get('step')} until the rung can judge it")
+
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         step = (trial.last_result or {}).get("step") or 0
         self.states[trial.trial_id] = "finished" if step >= self.steps else "stopped"
@@ -309,7 +339,7 @@ class LiveView(Callback):
         self._line(f"trial {trial.trial_id} errored: {getattr(trial, 'error_file', None) or 'see its logs'}")
 
     def _line(self, event: str) -> None:
-        counts = {s: sum(v == s for v in self.states.values()) for s in ("running", "stopped", "finished", "errored")}
+        counts = {s: sum(v == s for v in self.states.values()) for s in ("running", "paused", "stopped", "finished", "errored")}
         try:
             from ray.util.metrics import Gauge
 

@@ -4,6 +4,7 @@ stopped driver resumed by `Tuner.restore` without redoing finished trials."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import signal
 import subprocess
@@ -134,6 +135,40 @@ def test_asha_stops_a_trial_the_next_starts_and_a_stopped_driver_resumes(
     assert "resuming the sweep" in second
     started = [line for line in second.splitlines() if " started (" in line]
     assert len(started) == 1 and by_id["00002"].trial_id in started[0]
+
+
+def test_asha_promote_pauses_trials_at_rungs_and_resumes_the_promoted_one_from_its_checkpoint(
+    tiny_task: TinyTask, ray_session: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Seed 1 draws GOOD, BAD, BAD; one trial at a time, rungs at steps 4 and 8 (rf 2). GOOD waits at
+    # step 4 (alone there), BAD reaches it and is judged below GOOD, so the free slot promotes GOOD
+    # (before starting trial 3); GOOD waits again at step 8 (alone there); the third trial waits at
+    # step 4 below GOOD; with nothing left to start or promote and no trial at the end yet, GOOD
+    # goes on to step 12 and the two BAD trials end at their rung.
+    cfg = tiny_task.config(
+        "tune.num_samples=3", "tune.scheduler=asha_promote", "tune.max_concurrent_trials=1", "tune.reduction_factor=2",
+        "tune.grace_period=1", "tune.seed=1", "tune.top_k_ensemble=1", "ray.num_workers=1",
+        f"tune.search_space={{train.lr: {{type: choice, values: [{GOOD}, {BAD:.5f}]}}}}",
+    )
+    result = tune.run(cfg, tiny_task.data_dir, tmp_path / "run")
+    out = capsys.readouterr().out
+
+    by_id = {t.trial_id.rsplit("_", 1)[-1]: t for t in result.trials}
+    assert by_id["00000"].params["train.lr"] == GOOD and by_id["00000"].status == "finished" and by_id["00000"].steps == 12
+    assert [(by_id[k].status, by_id[k].steps) for k in ("00001", "00002")] == [("stopped", 4), ("stopped", 4)]
+    assert result.total_steps == 12 + 4 + 4  # Ray's ASHAScheduler would have run the first trial to the end unjudged
+    assert result.best.trial_id == by_id["00000"].trial_id
+    # Each promotion restarted the trial's Ray Train run, which continued from its last checkpoint.
+    assert by_id["00000"].checkpoint_uri is not None
+    state = json.loads((Path(by_id["00000"].checkpoint_uri) / "state.json").read_text())
+    assert state["resumed_at"] == [4, 8]
+    assert out.count(" waits at step 4 ") == 3 and out.count(" waits at step 8 ") == 1
+    assert out.count(" promoted: resumes from step ") == 2
+    # Trial 3 started only after GOOD was promoted past step 4 and paused again at step 8.
+    lines = out.splitlines()
+    first_promotion = next(i for i, line in enumerate(lines) if " promoted: resumes from step 4" in line)
+    third_start = next(i for i, line in enumerate(lines) if "_00002 started (" in line)
+    assert first_promotion < third_start
 
 
 def test_a_run_that_cannot_fit_the_local_ray_is_refused_with_the_settings_to_change(ray_session: dict[str, str]) -> None:
