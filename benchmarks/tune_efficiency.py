@@ -12,9 +12,9 @@ eval accuracy trails the ones that reached the rung before it; `--schedulers ash
 runs both) or `none`. Each sweep ranks its trials on the eval accuracy (`train.eval_max_rows` rows of
 SST-2's dev split, the same rows for every trial) and ships its best trial's prompt.
 
-At 216 steps per trial ASHA's rungs fall at 24, 72 and 216 steps: after the first few hundred
-examples, where short runs of this space rank trials poorly (late bloomers: at 72 steps a trial at
-72% after 8 steps ended best; see the README).
+At 216 steps per trial the rungs fall at 24 and 72 steps (Ray's `asha` also treats the last
+report, 216, as one): after the first few hundred examples, where short runs of this space rank
+trials poorly (late bloomers: at 72 steps a trial at 72% after 8 steps ended best; see the README).
 
 Target: ASHA within 1 point of the full sweep's best with at most 40% of its steps. "Best" is the
 accuracy of the prompt each sweep ships, measured on the held-out test split (1,821 rows): the

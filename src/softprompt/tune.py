@@ -307,9 +307,10 @@ class LiveView(Callback):
         self.started = time.monotonic()
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        if self.states.get(trial.trial_id) == "paused":  # asha_promote promoted it past its rung
+        step = (trial.last_result or {}).get("step")
+        if step is not None:  # promoted past its rung (asha_promote), or restored: its Train run goes on
             self.states[trial.trial_id] = "running"
-            self._line(f"trial {trial.trial_id} promoted: resumes from step {(trial.last_result or {}).get('step')}")
+            self._line(f"trial {trial.trial_id} resumes from step {step}")
             return
         self.states[trial.trial_id] = "running"
         params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in sorted((trial.config or {}).items()))

@@ -137,38 +137,56 @@ def test_asha_stops_a_trial_the_next_starts_and_a_stopped_driver_resumes(
     assert len(started) == 1 and by_id["00002"].trial_id in started[0]
 
 
-def test_asha_promote_pauses_trials_at_rungs_and_resumes_the_promoted_one_from_its_checkpoint(
+def test_asha_promote_pauses_at_rungs_promotes_from_checkpoints_and_survives_a_driver_restore(
     tiny_task: TinyTask, ray_session: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import ray
+
     # Seed 1 draws GOOD, BAD, BAD; one trial at a time, rungs at steps 4 and 8 (rf 2). GOOD waits at
-    # step 4 (alone there), BAD reaches it and is judged below GOOD, so the free slot promotes GOOD
-    # (before starting trial 3); GOOD waits again at step 8 (alone there); the third trial waits at
-    # step 4 below GOOD; with nothing left to start or promote and no trial at the end yet, GOOD
-    # goes on to step 12 and the two BAD trials end at their rung.
-    cfg = tiny_task.config(
+    # step 4 (alone there) and the first driver is stopped once BAD has started. The restored
+    # driver keeps GOOD paused (not started past its slot); BAD reaches step 4 below GOOD, so the
+    # free slot promotes GOOD before trial 3 starts; GOOD waits again at step 8 (alone there); trial
+    # 3 waits at step 4 below GOOD; with nothing left to start or promote and no trial at the end
+    # yet, GOOD goes on to step 12 and the two BAD trials end at their rung.
+    overrides = [
         "tune.num_samples=3", "tune.scheduler=asha_promote", "tune.max_concurrent_trials=1", "tune.reduction_factor=2",
         "tune.grace_period=1", "tune.seed=1", "tune.top_k_ensemble=1", "ray.num_workers=1",
         f"tune.search_space={{train.lr: {{type: choice, values: [{GOOD}, {BAD:.5f}]}}}}",
-    )
-    result = tune.run(cfg, tiny_task.data_dir, tmp_path / "run")
-    out = capsys.readouterr().out
+    ]
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "softprompt.cli", "tune", *tiny_task.overrides, *overrides, "--data", str(tiny_task.data_dir),
+               "--run-dir", str(run_dir), "--ray-address", ray.get_runtime_context().gcs_address]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 400
+    assert driver.stdout is not None
+    for line in driver.stdout:
+        lines.append(line)
+        if "_00001 started (" in line or time.monotonic() > deadline:
+            break
+    driver.send_signal(signal.SIGINT)
+    lines.append(driver.communicate(timeout=180)[0])
+    first = "".join(lines)
+    assert driver.returncode == 2 and "_00000 waits at step 4 " in first, first[-3000:]
+
+    result = tune.run(tiny_task.config(*overrides), tiny_task.data_dir, run_dir)  # Tuner.restore
+    second = capsys.readouterr().out
 
     by_id = {t.trial_id.rsplit("_", 1)[-1]: t for t in result.trials}
     assert by_id["00000"].params["train.lr"] == GOOD and by_id["00000"].status == "finished" and by_id["00000"].steps == 12
     assert [(by_id[k].status, by_id[k].steps) for k in ("00001", "00002")] == [("stopped", 4), ("stopped", 4)]
     assert result.total_steps == 12 + 4 + 4  # Ray's ASHAScheduler would have run the first trial to the end unjudged
     assert result.best.trial_id == by_id["00000"].trial_id
-    # Each promotion restarted the trial's Ray Train run, which continued from its last checkpoint.
+    # Each promotion restarted GOOD's Ray Train run, which continued from its last checkpoint.
     assert by_id["00000"].checkpoint_uri is not None
     state = json.loads((Path(by_id["00000"].checkpoint_uri) / "state.json").read_text())
     assert state["resumed_at"] == [4, 8]
-    assert out.count(" waits at step 4 ") == 3 and out.count(" waits at step 8 ") == 1
-    assert out.count(" promoted: resumes from step ") == 2
-    # Trial 3 started only after GOOD was promoted past step 4 and paused again at step 8.
-    lines = out.splitlines()
-    first_promotion = next(i for i, line in enumerate(lines) if " promoted: resumes from step 4" in line)
+    assert "resuming the sweep" in second and "_00000 started (" not in second  # kept paused, then promoted
+    assert second.count("_00000 resumes from step ") == 2
+    lines = second.splitlines()
+    first_promotion = next(i for i, line in enumerate(lines) if "_00000 resumes from step 4" in line)
     third_start = next(i for i, line in enumerate(lines) if "_00002 started (" in line)
-    assert first_promotion < third_start
+    assert first_promotion < third_start  # a free slot promotes before it starts a new trial
 
 
 def test_a_run_that_cannot_fit_the_local_ray_is_refused_with_the_settings_to_change(ray_session: dict[str, str]) -> None:

@@ -104,3 +104,13 @@ def test_restored_trials_rejoin_their_rungs_and_one_that_was_waiting_stays_pause
     assert s.active == {"r"}
     assert s.recorded[10] == {"w": 0.7, "r": 0.8, "d": 0.9} and s.recorded[30] == {"d": 0.9}
     assert s.promoted[10] == {"r", "d"}
+
+
+def test_asha_promote_needs_evaluations_to_compare_trials_at() -> None:
+    from softprompt.config import load_config
+    from softprompt.errors import ConfigError
+
+    base = ["data.train=x.csv", "task.labels=[a, b]", "task.verbalizer={a: [' a'], b: [' b']}", "tune.num_samples=4"]
+    assert load_config(None, [*base, "tune.scheduler=asha_promote"]).tune.scheduler == "asha_promote"
+    with pytest.raises(ConfigError, match=r"tune\.scheduler=asha_promote compares trials at evaluations"):
+        load_config(None, [*base, "tune.scheduler=asha_promote", "train.eval_every=0"])
