@@ -115,7 +115,7 @@ class PromotionScheduler(TrialScheduler):
     def arrive(self, tid: str, step: int, value: float) -> str:
         """Record a report; return CONTINUE or PAUSE (the trial waits at its rung)."""
         rung = next((m for m in reversed(self.rungs) if step >= m), None)
-        if rung is None or tid in self.recorded[rung]:
+        if rung is None or tid in self.recorded[rung] or step >= self.steps:  # (its last report: it ends anyway)
             return TrialScheduler.CONTINUE  # before the first rung, or already judged at this one
         self.recorded[rung][tid] = value
         best = self.next_promotion_including(tid, rung)

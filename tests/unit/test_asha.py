@@ -114,3 +114,10 @@ def test_asha_promote_needs_evaluations_to_compare_trials_at() -> None:
     assert load_config(None, [*base, "tune.scheduler=asha_promote"]).tune.scheduler == "asha_promote"
     with pytest.raises(ConfigError, match=r"tune\.scheduler=asha_promote compares trials at evaluations"):
         load_config(None, [*base, "tune.scheduler=asha_promote", "train.eval_every=0"])
+
+
+def test_the_last_report_of_a_trial_is_never_paused() -> None:
+    s = scheduler()
+    s.start("a")
+    # A trial whose reports skipped the rungs (evaluated elsewhere) ends at its last step.
+    assert s.arrive("a", 90, 0.5) == CONTINUE and s.waiting == {}
