@@ -23,12 +23,14 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,8 +134,6 @@ def fit(
         run_cfg = replace(cfg, trial_overrides) if trial_overrides else cfg
     run_cfg = _absolute_paths(run_cfg)
     rc = run_cfg.ray
-    # Train V2 takes the start timeout from the environment of the process that calls fit().
-    os.environ[START_TIMEOUT_ENV] = str(rc.worker_start_timeout_s)
     storage_path, storage_fs = storage_location(rc, run_dir)
     data = datasets if datasets is not None else open_datasets(run_cfg, data_uri)
     callbacks: list[Any] = []
@@ -164,7 +164,10 @@ def fit(
     )
     where = f"{'s3://' if _is_s3(rc.storage_path) else ''}{storage_path}/{name}"
     try:
-        result = trainer.fit()
+        # Train V2 takes the start timeout from this process's environment when fit() creates its
+        # controller; set only for the call, so the rest of the process keeps its own value.
+        with scoped_env(START_TIMEOUT_ENV, str(rc.worker_start_timeout_s)):
+            result = trainer.fit()
     except rt.TrainingFailedError as exc:
         raise SoftpromptError(f"Ray Train run {name!r} failed after {rc.max_failures} retries (storage {where}): {exc}") from exc
     ckpt = result.checkpoint
@@ -176,6 +179,20 @@ def fit(
         metrics=dict(result.metrics or {}),
         workers=list(returned.get("workers", [])),
     )
+
+
+@contextlib.contextmanager
+def scoped_env(name: str, value: str) -> Iterator[None]:
+    """Set environment variable `name` for the duration of the block, then put back what was there."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _absolute_paths(cfg: JobConfig) -> JobConfig:
