@@ -23,13 +23,19 @@ On Ray Tune that means:
 - When every trial has started and none is running or promotable, the ones still waiting are
   stopped: they end at their rung, and their best prompt so far is kept like any stopped trial's.
 
+- A trial's Train workers wait after each rung report until the scheduler says go (`wait_for_go`,
+  through Ray's internal key-value store): Ray Train would otherwise train on while Tune pauses
+  the trial, and a paused trial could checkpoint (and later resume from) a step past its rung.
+
 Time is counted in optimizer steps, from the `step` every report carries: Tune's own
-`training_iteration` starts over when a paused function trial resumes.
+`training_iteration` starts over when a paused function trial resumes. The rung records are saved
+with the searcher's state at every experiment checkpoint, so `Tuner.restore` continues them.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from ray.tune.experiment import Trial
@@ -38,6 +44,38 @@ from ray.tune.search import SearchGenerator
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 log = logging.getLogger(__name__)
+
+PARKED = 0
+"""`waiting` value of a trial that is not judged at a rung but waits for a slot (after a restore)."""
+GO_NAMESPACE = "softprompt_asha"
+GO_TIMEOUT_S = 900.0
+"""How long workers wait for the scheduler's go at a rung before going on regardless (a warning)."""
+
+
+def train_run_name(trial_id: str) -> str:
+    """A trial's Ray Train run name: Tune's trial id, so a resumed trial finds its run's checkpoints."""
+    return f"trial-{trial_id}"
+
+
+def signal_go(run_name: str, step: int) -> None:
+    """Tell the workers of Train run `run_name`, held after their report at `step`, to go on."""
+    from ray.experimental import internal_kv  # [ray] the cluster's key-value store (GCS)
+
+    internal_kv._internal_kv_put(f"{run_name}/{step}", b"go", namespace=GO_NAMESPACE)
+
+
+def wait_for_go(run_name: str, step: int, timeout_s: float = GO_TIMEOUT_S) -> bool:
+    """In a Train worker: wait until the scheduler lets run `run_name` go on past `step` (a paused
+    trial is stopped while it waits). False when `timeout_s` passed without an answer."""
+    from ray.experimental import internal_kv  # [ray]
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if internal_kv._internal_kv_get(f"{run_name}/{step}", namespace=GO_NAMESPACE) is not None:
+            return True
+        time.sleep(0.1)
+    log.warning("%s: no decision from the scheduler %.0f s after the report at step %d; going on", run_name, timeout_s, step)
+    return False
 
 
 def rungs(steps: int, eval_every: int, grace_period: int, reduction_factor: int) -> list[int]:
@@ -88,7 +126,11 @@ class PromotionScheduler(TrialScheduler):
         return [t for t in order[: len(results) // self.rf] if t not in self.promoted[rung]]
 
     def next_promotion(self) -> tuple[str, int] | None:
-        """The waiting trial to resume next: the highest rung first, the best there first."""
+        """The waiting trial to resume next: a parked one first (it was running before a restore),
+        then the highest rung first, the best there first."""
+        for tid, rung in self.waiting.items():
+            if rung == PARKED:
+                return tid, PARKED
         for rung in reversed(self.rungs):
             for tid in self.promotable(rung):
                 if self.waiting.get(tid) == rung:
@@ -139,13 +181,36 @@ class PromotionScheduler(TrialScheduler):
     def promote(self, tid: str, rung: int) -> None:
         """Resume waiting trial `tid` past `rung` (it takes a slot)."""
         self.waiting.pop(tid)
-        self.promoted[rung].add(tid)
+        if rung != PARKED:
+            self.promoted[rung].add(tid)
         self.active.add(tid)
 
     def start(self, tid: str) -> None:
         """A new trial takes a slot."""
         self.seen.add(tid)
         self.active.add(tid)
+
+    def reconcile(self, statuses: dict[str, str]) -> None:
+        """Match the slots to Tune's trial statuses (Tune may end a trial without telling the
+        scheduler, e.g. when the experiment stops): a trial holds a slot while it is PENDING or
+        RUNNING and not waiting (a trial told to wait stays RUNNING while its pause is saved)."""
+        for tid in [t for t in self.waiting if statuses.get(t) in (Trial.TERMINATED, Trial.ERROR)]:
+            del self.waiting[tid]
+        self.active = {tid for tid, status in statuses.items() if status in (Trial.PENDING, Trial.RUNNING) and tid not in self.waiting}
+
+    def state(self) -> dict[str, Any]:
+        """The rung records, saved with the searcher's state at every experiment checkpoint."""
+        return {"rungs": self.rungs, "recorded": {str(m): r for m, r in self.recorded.items()},
+                "promoted": {str(m): sorted(p) for m, p in self.promoted.items()}, "finished": self.finished}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take back `state()` (`Tuner.restore` restores the searcher before it re-adds the trials)."""
+        if state.get("rungs") != self.rungs:
+            log.warning("the saved rung records are for rungs %s, not %s: rebuilding them from the trials", state.get("rungs"), self.rungs)
+            return
+        self.recorded = {m: dict(state["recorded"].get(str(m), {})) for m in self.rungs}
+        self.promoted = {m: set(state["promoted"].get(str(m), [])) for m in self.rungs}
+        self.finished = int(state.get("finished", 0))
 
     def leave(self, tid: str, step: int = 0) -> None:
         """The trial ended (finished, stopped or errored) at `step`."""
@@ -160,19 +225,25 @@ class PromotionScheduler(TrialScheduler):
         return not ((metric and metric != self._metric) or (mode and mode != "max"))
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
-        self.seen.add(trial.trial_id)
+        tid = trial.trial_id
+        if tid in self.seen:  # re-queued by Tune after a failure: it restarts from its checkpoint
+            self.waiting.pop(tid, None)
+            self.active.add(tid)
+            return
+        self.seen.add(tid)
         last = trial.last_result or {}
         if last.get("step") is not None and last.get(self.key) is not None:
             self.rejoin(trial, int(last["step"]), float(last[self.key]))
         elif trial.status in (Trial.PENDING, Trial.RUNNING):
-            self.start(trial.trial_id)
+            self.start(tid)
 
     def rejoin(self, trial: Trial, step: int, value: float) -> None:
-        """A trial restored by `Tuner.restore` (this scheduler's records are not saved with the sweep):
-        it counts at every rung it passed with its last value (its best so far, so at most what it
-        had there). Tune re-queues unfinished trials as PENDING; one that stopped exactly at a rung was
-        waiting there, so it goes back to PAUSED (set before Tune files the trial by status) instead
-        of starting past its slot."""
+        """A trial restored by `Tuner.restore`. Its rung records come back with the searcher's state;
+        any missing are filled with its last value (its best so far: at least what it had at those
+        rungs). Tune re-queues unfinished trials as PENDING and would start them all: one that
+        stopped exactly at a rung was waiting there and goes back to PAUSED, and one that was
+        running goes on only while slots are free, else it is parked (PAUSED, resumed before any
+        promotion or new trial). The status is set before Tune files the trial by it."""
         tid = trial.trial_id
         for rung in self.rungs:
             if step >= rung:
@@ -181,9 +252,12 @@ class PromotionScheduler(TrialScheduler):
                     self.promoted[rung].add(tid)
         if trial.status in (Trial.TERMINATED, Trial.ERROR):
             return
-        if step in self.rungs:
+        if step in self.rungs and tid not in self.promoted[step]:
             trial.set_status(Trial.PAUSED)
             self.waiting[tid] = step
+        elif len(self.active) >= self.max_concurrent:
+            trial.set_status(Trial.PAUSED)
+            self.waiting[tid] = PARKED
         else:
             self.active.add(tid)
 
@@ -194,6 +268,8 @@ class PromotionScheduler(TrialScheduler):
         decision = self.arrive(trial.trial_id, int(step), float(value))
         if decision == TrialScheduler.PAUSE:
             log.info("trial %s waits at step %s (%s %.4f) until it can be judged", trial.trial_id, step, self.key, value)
+        elif int(step) in self.rungs:
+            signal_go(train_run_name(trial.trial_id), int(step))  # its workers wait for this
         return decision
 
     def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> None:
@@ -206,9 +282,10 @@ class PromotionScheduler(TrialScheduler):
         self.leave(trial.trial_id)
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        trials = {t.trial_id: t for t in tune_controller.get_trials()}
+        self.reconcile({tid: t.status for tid, t in trials.items()})
         if len(self.active) >= self.max_concurrent:
             return None
-        trials = {t.trial_id: t for t in tune_controller.get_trials()}
         sweep_over = len(self.seen) >= self.num_samples and not self.active
         nxt = self.next_promotion() or (self.last_chance() if sweep_over else None)
         if nxt is not None:
@@ -250,12 +327,20 @@ class GatedVariantGenerator(BasicVariantGenerator):
         return super().next_trial() if self.scheduler.allow_new_trial() else None
 
     def get_state(self) -> Any:
-        # Tune saves the generator's state on its own; the scheduler is restored with the Tuner,
-        # and must stay the very object the scheduler slot holds.
+        # Tune saves the generator's state at every experiment checkpoint: the scheduler's rung
+        # records go with it. The scheduler itself is restored with the Tuner and must stay the
+        # very object the scheduler slot holds, so it is not pickled here.
         state = super().get_state()
         if isinstance(state, dict):
             state.pop("scheduler", None)
+            state["promotion"] = self.scheduler.state()
         return state
+
+    def set_state(self, state: Any) -> None:
+        promotion = state.pop("promotion", None)
+        super().set_state(state)
+        if promotion:
+            self.scheduler.load_state(promotion)
 
 
 class GatedSearchGenerator(SearchGenerator):
@@ -267,3 +352,11 @@ class GatedSearchGenerator(SearchGenerator):
 
     def next_trial(self) -> Any:
         return super().next_trial() if self.scheduler.allow_new_trial() else None
+
+    def get_state(self) -> dict[str, Any]:
+        return {**super().get_state(), "promotion": self.scheduler.state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        if state.get("promotion"):
+            self.scheduler.load_state(state["promotion"])

@@ -99,6 +99,7 @@ def fit(
     name: str = "train",
     datasets: dict[str, Any] | None = None,
     report_to_tune: bool = False,
+    hold_at: tuple[int, ...] = (),
 ) -> DistributedResult:
     """Train a soft prompt with `cfg.ray.num_workers` Ray Train workers.
 
@@ -114,6 +115,8 @@ def fit(
         name: Ray Train run name (unique per run folder; Tune passes one per trial).
         datasets: `open_datasets`' result (Tune opens it once on the driver); None opens it here.
         report_to_tune: Forward every report to the enclosing Ray Tune trial.
+        hold_at: Steps after whose report the workers wait for the scheduler's go
+            (`softprompt.asha`: a trial told to wait at a rung must not train on meanwhile).
 
     Returns:
         The run's latest checkpoint, last metrics and per-worker throughput.
@@ -143,7 +146,7 @@ def fit(
         callbacks.append(TuneReportCallback())
     trainer: Any = TorchTrainer(
         train_worker,  # type: ignore[arg-type]
-        train_loop_config={"cfg": to_dict(run_cfg), "trial": name, "eval": data["eval"]},
+        train_loop_config={"cfg": to_dict(run_cfg), "trial": name, "eval": data["eval"], "hold_at": list(hold_at)},
         torch_config=TorchConfig(backend="nccl" if rc.use_gpu else "gloo"),
         scaling_config=scaling_config(rc),
         run_config=rt.RunConfig(
@@ -380,7 +383,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         checkpoint = ray.train.get_checkpoint()  # [ray] the latest reported one, after a failure or restore
         if checkpoint is not None:
             checkpoint.to_directory(str(work / train.CHECKPOINT_DIR))
-        hooks = _RayHooks(rank, world, str(config["trial"]))
+        hooks = _RayHooks(rank, world, str(config["trial"]), tuple(config.get("hold_at") or ()))
         result = train.run(cfg, loaded, rows, eval_rows, work, resume=True, hooks=hooks)
         stats = {
             "rank": rank, "rows": len(rows), "steps": result.steps, "seconds": result.seconds,
@@ -398,8 +401,8 @@ class _RayHooks:
 
     presharded = True
 
-    def __init__(self, rank: int, world_size: int, trial: str) -> None:
-        self.rank, self.world_size, self.trial = rank, world_size, trial
+    def __init__(self, rank: int, world_size: int, trial: str, hold_at: tuple[int, ...] = ()) -> None:
+        self.rank, self.world_size, self.trial, self.hold_at = rank, world_size, trial, hold_at
         self._tags = {"trial": trial, "worker": str(rank)}
         self._window_tokens, self._window_seconds, self._window_start = 0, 0.0, -math.inf
 
@@ -420,6 +423,12 @@ class _RayHooks:
         import ray.train
 
         ray.train.report(plain, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{int(plain['step']):06d}")  # [ray]
+        if int(plain["step"]) in self.hold_at:
+            # A rung of asha_promote: every rank waits for the scheduler's go (a trial it pauses is
+            # stopped here), so a paused trial does not train on past the rung it is judged at.
+            from softprompt.asha import wait_for_go
+
+            wait_for_go(self.trial, int(plain["step"]))
         if self.rank == 0:
             gauge = _metrics()["eval_metric"]
             for key, value in plain.items():

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from softprompt import distributed
+from softprompt.asha import train_run_name
 from softprompt.config import JobConfig, config_from_dict, replace, to_dict
 from softprompt.errors import ConfigError, SoftpromptError
 from softprompt.jobs import TRIAL_CPU, run_reservation
@@ -372,7 +373,13 @@ def _trial(config: dict[str, Any], *, cfg_dict: dict[str, Any], run_dir: str, da
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
-    distributed.fit(config_from_dict(cfg_dict), "", run_dir, config, name=f"trial-{trial_id}", datasets=data, report_to_tune=True)
+    cfg = config_from_dict(cfg_dict)
+    hold_at: tuple[int, ...] = ()
+    if cfg.tune.scheduler == "asha_promote":
+        from softprompt import asha
+
+        hold_at = tuple(asha.rungs(cfg.train.steps, cfg.train.eval_every, cfg.tune.grace_period, cfg.tune.reduction_factor))
+    distributed.fit(cfg, "", run_dir, config, name=train_run_name(trial_id), datasets=data, report_to_tune=True, hold_at=hold_at)
 
 
 def _check_same_sweep(path: Path, sweep: dict[str, Any], where: str) -> None:

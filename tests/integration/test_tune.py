@@ -181,6 +181,10 @@ def test_asha_promote_pauses_at_rungs_promotes_from_checkpoints_and_survives_a_d
     assert by_id["00000"].checkpoint_uri is not None
     state = json.loads((Path(by_id["00000"].checkpoint_uri) / "state.json").read_text())
     assert state["resumed_at"] == [4, 8]
+    # Workers wait at a rung for the scheduler's go: a paused trial never trained (or checkpointed) past it.
+    for key in ("00001", "00002"):
+        saved = sorted((run_dir / "ray" / f"trial-{by_id[key].trial_id}").glob("checkpoint_0*"))
+        assert [p.name for p in saved] == ["checkpoint_000004"]
     assert "resuming the sweep" in second and "_00000 started (" not in second  # kept paused, then promoted
     assert second.count("_00000 resumes from step ") == 2
     lines = second.splitlines()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from softprompt.asha import PromotionScheduler, rungs
+from softprompt.asha import PARKED, GatedVariantGenerator, PromotionScheduler, rungs
 
 CONTINUE, PAUSE = "CONTINUE", "PAUSE"
 
@@ -100,7 +100,7 @@ def test_restored_trials_rejoin_their_rungs_and_one_that_was_waiting_stays_pause
     done = _Restored("d", {"step": 90, "best_metric": 0.9}, status="TERMINATED")
     for trial in (waiting, running, done):
         s.on_trial_add(None, trial)  # type: ignore[arg-type]
-    assert waiting.status == "PAUSED" and s.waiting == {"w": 10}  # not started past its slot
+    assert waiting.status == "PAUSED" and s.waiting == {"w": 10}  # judged at its rung first
     assert s.active == {"r"}
     assert s.recorded[10] == {"w": 0.7, "r": 0.8, "d": 0.9} and s.recorded[30] == {"d": 0.9}
     assert s.promoted[10] == {"r", "d"}
@@ -121,3 +121,56 @@ def test_the_last_report_of_a_trial_is_never_paused() -> None:
     s.start("a")
     # A trial whose reports skipped the rungs (evaluated elsewhere) ends at its last step.
     assert s.arrive("a", 90, 0.5) == CONTINUE and s.waiting == {}
+
+
+def test_a_restored_trial_that_was_running_waits_for_a_free_slot() -> None:
+    s = scheduler(concurrent=1)
+    first = _Restored("r1", {"step": 20, "best_metric": 0.8})
+    second = _Restored("r2", {"step": 40, "best_metric": 0.7})
+    for trial in (first, second):
+        s.on_trial_add(None, trial)  # type: ignore[arg-type]
+    # Tune would start every PENDING trial at once: the one past the slot limit is parked ...
+    assert first.status == "PENDING" and second.status == "PAUSED"
+    assert s.active == {"r1"} and s.waiting == {"r2": PARKED}
+    # ... and resumes first when a slot frees, before any promotion or new trial.
+    s.recorded[10].update({"a": 0.9, "b": 0.1, "c": 0.2})
+    s.waiting["a"] = 10
+    s.leave("r1")
+    assert s.next_promotion() == ("r2", PARKED)
+
+
+def test_the_slots_follow_tune_s_trial_statuses() -> None:
+    s = scheduler()
+    for tid in "abc":
+        s.start(tid)
+    assert s.arrive("a", 10, 0.5) == PAUSE
+    # Tune ended b without telling the scheduler (the experiment stopped); a is pausing (still RUNNING).
+    s.reconcile({"a": "RUNNING", "b": "TERMINATED", "c": "RUNNING", "d": "PENDING"})
+    assert s.active == {"c", "d"} and s.waiting == {"a": 10}
+    s.reconcile({"a": "ERROR", "c": "RUNNING", "d": "PENDING"})
+    assert s.waiting == {}
+
+
+def test_a_trial_requeued_after_a_failure_keeps_its_slot() -> None:
+    s = scheduler()
+    trial = _Restored("a", {})
+    s.on_trial_add(None, trial)  # type: ignore[arg-type]
+    assert s.arrive("a", 10, 0.5) == PAUSE
+    # Tune re-adds a failed trial it retries: it is already filed PENDING, so no status change here.
+    s.on_trial_add(None, _Restored("a", {"step": 10, "best_metric": 0.5}))  # type: ignore[arg-type]
+    assert s.active == {"a"} and s.waiting == {}
+
+
+def test_the_rung_records_travel_with_the_search_generator_s_saved_state() -> None:
+    s = scheduler()
+    for tid, value in (("a", 0.6), ("b", 0.7), ("c", 0.9)):
+        s.start(tid)
+        s.arrive(tid, 10, value)
+    s.leave("c", 90)
+    saved = GatedVariantGenerator(s, random_state=0).get_state()
+    assert "scheduler" not in saved  # the scheduler is restored with the Tuner, not from here
+
+    fresh = scheduler()
+    GatedVariantGenerator(fresh, random_state=0).set_state(dict(saved))
+    assert fresh.recorded == s.recorded and fresh.promoted == s.promoted and fresh.finished == 1
+    assert fresh.waiting == {} and fresh.active == set()  # these come from the restored trials' statuses
