@@ -86,9 +86,15 @@ def main() -> int:
     reused = _reuse_full(args, cfg) if args.full_from else None
     if reused is not None:
         rows["none"] = reused["all_to_the_end"]
+        # The earlier file's other early-stopping sweeps come along (labelled) unless rerun now.
+        earlier_rows = {k: v for k, v in (reused.get("sweeps") or {}).items() if k != "none"}
         prior = reused.get("asha") or {}
-        if prior and prior.get("scheduler", "asha") not in early:  # files before --schedulers ran Ray's asha
-            rows[prior.get("scheduler", "asha")] = {**prior, "scheduler": prior.get("scheduler", "asha"), "reused_from": args.full_from}
+        if prior:  # files before --schedulers ran Ray's asha and had no "sweeps"
+            earlier_rows.setdefault(prior.get("scheduler", "asha"), prior)
+        for name, row in earlier_rows.items():
+            if name not in early:
+                kept = {k: v for k, v in row.items() if k not in ("steps_ratio", "gap_points")}
+                rows[name] = {**kept, "scheduler": name, "reused_from": row.get("reused_from") or args.full_from}
     for scheduler in early if reused is not None else [*early, "none"]:
         sweep_cfg = _config(args, out, f"tune.scheduler={scheduler}", f"run_name={scheduler}")
         t0 = time.perf_counter()
