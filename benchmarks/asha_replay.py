@@ -45,6 +45,13 @@ def load_curves(experiment: Path) -> dict[str, list[float]]:
     return curves
 
 
+def _outcome(curves: dict[str, list[float]], ran: dict[str, int]) -> tuple[float, float, dict[str, int]]:
+    """(steps share, points behind the full best, rounds each trial ran) of a replayed sweep."""
+    share = sum(ran.values()) / sum(len(c) for c in curves.values())
+    behind = (max(max(c) for c in curves.values()) - max(max(curves[t][: ran[t]]) for t in ran)) * 100
+    return share, behind, ran
+
+
 def replay(curves: dict[str, list[float]], reduction_factor: int, grace: int, concurrent: int) -> tuple[float, float, dict[str, int]]:
     """(steps share, points behind the full best, rounds each trial ran) under async ASHA."""
     rounds = max(len(c) for c in curves.values())
@@ -73,9 +80,7 @@ def replay(curves: dict[str, list[float]], reduction_factor: int, grace: int, co
             del running[tid]
         else:
             running[tid] = (start, it)
-    share = sum(ran.values()) / sum(len(c) for c in curves.values())
-    behind = (max(max(c) for c in curves.values()) - max(max(curves[t][: ran[t]]) for t in ran)) * 100
-    return share, behind, ran
+    return _outcome(curves, ran)
 
 
 def replay_promote(curves: dict[str, list[float]], reduction_factor: int, grace: int, concurrent: int) -> tuple[float, float, dict[str, int]]:
@@ -134,9 +139,7 @@ def replay_promote(curves: dict[str, list[float]], reduction_factor: int, grace:
             running[tid] = (now, it)
         for m in milestones:
             judge(m, force=False)
-    share = sum(ran.values()) / sum(len(c) for c in curves.values())
-    behind = (max(max(c) for c in curves.values()) - max(max(curves[t][: ran[t]]) for t in ran)) * 100
-    return share, behind, ran
+    return _outcome(curves, ran)
 
 
 def replay_scheduler(curves: dict[str, list[float]], reduction_factor: int, grace: int, concurrent: int) -> tuple[float, float, dict[str, int]]:
@@ -178,9 +181,7 @@ def replay_scheduler(curves: dict[str, list[float]], reduction_factor: int, grac
             done[tid] = it
         else:
             running[tid] = (now, it)
-    share = sum(ran.values()) / sum(len(c) for c in curves.values())
-    behind = (max(max(c) for c in curves.values()) - max(max(curves[t][: ran[t]]) for t in ran)) * 100
-    return share, behind, ran
+    return _outcome(curves, ran)
 
 
 def main() -> int:

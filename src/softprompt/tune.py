@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from softprompt import distributed
-from softprompt.asha import train_run_name
+from softprompt import asha, distributed
 from softprompt.config import JobConfig, config_from_dict, replace, to_dict
 from softprompt.errors import ConfigError, SoftpromptError
 from softprompt.jobs import TRIAL_CPU, run_reservation
@@ -224,8 +223,6 @@ def _scheduler_and_search(t: Any, trial_cfg: JobConfig, concurrency: int) -> tup
 
     tr = trial_cfg.train
     if t.scheduler == "asha_promote":
-        from softprompt import asha
-
         promote = asha.PromotionScheduler(
             metric=TUNE_METRIC, steps=tr.steps, eval_every=tr.eval_every, grace_period=t.grace_period,
             reduction_factor=t.reduction_factor, max_concurrent=concurrency, num_samples=max(1, t.num_samples),
@@ -308,12 +305,11 @@ class LiveView(Callback):
         self.started = time.monotonic()
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.states[trial.trial_id] = "running"
         step = (trial.last_result or {}).get("step")
         if step is not None:  # promoted past its rung (asha_promote), or restored: its Train run goes on
-            self.states[trial.trial_id] = "running"
             self._line(f"trial {trial.trial_id} resumes from step {step}")
             return
-        self.states[trial.trial_id] = "running"
         params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in sorted((trial.config or {}).items()))
         self._line(f"trial {trial.trial_id} started ({params})")
 
@@ -376,10 +372,8 @@ def _trial(config: dict[str, Any], *, cfg_dict: dict[str, Any], run_dir: str, da
     cfg = config_from_dict(cfg_dict)
     hold_at: tuple[int, ...] = ()
     if cfg.tune.scheduler == "asha_promote":
-        from softprompt import asha
-
         hold_at = tuple(asha.rungs(cfg.train.steps, cfg.train.eval_every, cfg.tune.grace_period, cfg.tune.reduction_factor))
-    distributed.fit(cfg, "", run_dir, config, name=train_run_name(trial_id), datasets=data, report_to_tune=True, hold_at=hold_at)
+    distributed.fit(cfg, "", run_dir, config, name=asha.train_run_name(trial_id), datasets=data, report_to_tune=True, hold_at=hold_at)
 
 
 def _check_same_sweep(path: Path, sweep: dict[str, Any], where: str) -> None:

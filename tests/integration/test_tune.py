@@ -92,8 +92,6 @@ def test_two_trials_of_two_workers_run_side_by_side(
 def test_asha_stops_a_trial_the_next_starts_and_a_stopped_driver_resumes(
     tiny_task: TinyTask, ray_session: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import ray
-
     # Seed 1 draws GOOD, BAD, BAD: trial 1 sets the bar at the first rung, trial 2 falls below it.
     overrides = [
         *tiny_task.overrides, "tune.num_samples=3", "tune.max_concurrent_trials=1", "tune.reduction_factor=2",
@@ -101,22 +99,9 @@ def test_asha_stops_a_trial_the_next_starts_and_a_stopped_driver_resumes(
         f"tune.search_space={{train.lr: {{type: choice, values: [{GOOD}, {BAD:.5f}]}}}}",
     ]
     run_dir = tmp_path / "run"
-    # A driver of its own (the CLI, joined to the session's Ray), stopped with Ctrl-C once trial 3
-    # has started: by then ASHA has stopped trial 2.
-    command = [sys.executable, "-m", "softprompt.cli", "tune", *overrides, "--data", str(tiny_task.data_dir),
-               "--run-dir", str(run_dir), "--ray-address", ray.get_runtime_context().gcs_address]
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    first: list[str] = []
-    deadline = time.monotonic() + 400
-    assert driver.stdout is not None
-    for line in driver.stdout:
-        first.append(line)
-        if "_00002 started (" in line or time.monotonic() > deadline:
-            break
-    driver.send_signal(signal.SIGINT)
-    first.append(driver.communicate(timeout=180)[0])
-    out = "".join(first)
-    assert driver.returncode == 2 and "tune was interrupted with 1 trial(s) unfinished" in out, out[-3000:]
+    # A driver of its own, stopped with Ctrl-C once trial 3 has started: by then ASHA has stopped trial 2.
+    returncode, out = _interrupted_tune_driver(overrides, tiny_task.data_dir, run_dir, "_00002 started (")
+    assert returncode == 2 and "tune was interrupted with 1 trial(s) unfinished" in out, out[-3000:]
     assert "stopped at step 4" in out  # ASHA stopped trial 2 ...
     assert out.count(" started (") == 3  # ... and trial 3 started after it
 
@@ -140,8 +125,6 @@ def test_asha_stops_a_trial_the_next_starts_and_a_stopped_driver_resumes(
 def test_asha_promote_pauses_at_rungs_promotes_from_checkpoints_and_survives_a_driver_restore(
     tiny_task: TinyTask, ray_session: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import ray
-
     # Seed 1 draws GOOD, BAD, BAD; one trial at a time, rungs at steps 4 and 8 (rf 2). GOOD waits at
     # step 4 (alone there) and the first driver is stopped once BAD has started. The restored
     # driver keeps GOOD paused (not started past its slot); BAD reaches step 4 below GOOD, so the
@@ -154,20 +137,8 @@ def test_asha_promote_pauses_at_rungs_promotes_from_checkpoints_and_survives_a_d
         f"tune.search_space={{train.lr: {{type: choice, values: [{GOOD}, {BAD:.5f}]}}}}",
     ]
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "softprompt.cli", "tune", *tiny_task.overrides, *overrides, "--data", str(tiny_task.data_dir),
-               "--run-dir", str(run_dir), "--ray-address", ray.get_runtime_context().gcs_address]
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    deadline = time.monotonic() + 400
-    assert driver.stdout is not None
-    for line in driver.stdout:
-        lines.append(line)
-        if "_00001 started (" in line or time.monotonic() > deadline:
-            break
-    driver.send_signal(signal.SIGINT)
-    lines.append(driver.communicate(timeout=180)[0])
-    first = "".join(lines)
-    assert driver.returncode == 2 and "_00000 waits at step 4 " in first, first[-3000:]
+    returncode, first = _interrupted_tune_driver([*tiny_task.overrides, *overrides], tiny_task.data_dir, run_dir, "_00001 started (")
+    assert returncode == 2 and "_00000 waits at step 4 " in first, first[-3000:]
 
     result = tune.run(tiny_task.config(*overrides), tiny_task.data_dir, run_dir)  # Tuner.restore
     second = capsys.readouterr().out
@@ -217,3 +188,23 @@ def test_optuna_proposes_trials_from_the_space_and_the_best_is_kept(tiny_task: T
         assert t.params["train.lr"] in (GOOD, BAD) and 2 <= t.params["prompt.num_virtual_tokens"] <= 6
     assert result.best.best_metric == max(t.best_metric for t in result.trials)
     assert result.best_config.prompt.num_virtual_tokens == result.best.params["prompt.num_virtual_tokens"]
+
+
+def _interrupted_tune_driver(overrides: list[str], data_dir: Path, run_dir: Path, stop_at: str) -> tuple[int, str]:
+    """Run `softprompt tune` as a driver of its own (the CLI, joined to the session's Ray) and stop
+    it with Ctrl-C once a line containing `stop_at` appears (or after 400 s): its exit code and output."""
+    import ray
+
+    command = [sys.executable, "-m", "softprompt.cli", "tune", *overrides, "--data", str(data_dir),
+               "--run-dir", str(run_dir), "--ray-address", ray.get_runtime_context().gcs_address]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 400
+    assert driver.stdout is not None
+    for line in driver.stdout:
+        lines.append(line)
+        if stop_at in line or time.monotonic() > deadline:
+            break
+    driver.send_signal(signal.SIGINT)
+    lines.append(driver.communicate(timeout=180)[0])
+    return driver.returncode, "".join(lines)
