@@ -146,7 +146,7 @@ def replay_scheduler(curves: dict[str, list[float]], reduction_factor: int, grac
     """`tune.scheduler=asha_promote`: softprompt's `PromotionScheduler` itself (its decisions, fed
     the curves) under the same equal-speed model. Every trial waits at each rung until it is in the
     top 1/reduction_factor there; a free slot first promotes a waiting trial, else starts a new one."""
-    from softprompt.asha import PromotionScheduler
+    from softprompt.ray.asha import PromotionScheduler
 
     rounds = max(len(c) for c in curves.values())
     sched = PromotionScheduler(metric="m", steps=rounds, eval_every=1, grace_period=grace, reduction_factor=reduction_factor,

@@ -28,8 +28,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from softprompt import distributed, ingest, jobs  # noqa: E402
+from softprompt import ingest  # noqa: E402
 from softprompt.config import load_config  # noqa: E402
+from softprompt.ray import jobs  # noqa: E402
+from softprompt.ray import train as distributed  # noqa: E402
 
 CASES = [("1 worker x 1 thread", 1, 1), ("1 worker x 2 threads", 1, 2), ("2 workers x 1 thread", 2, 1)]
 

@@ -40,8 +40,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from softprompt import dataset as ds  # noqa: E402
-from softprompt import ingest, jobs, tune  # noqa: E402
+from softprompt import ingest  # noqa: E402
 from softprompt.config import JobConfig, load_config  # noqa: E402
+from softprompt.ray import jobs, tune  # noqa: E402
 
 # Every trial is scored on the same eval rows, drawn with data.split_seed. Results files without
 # this key come from before that fix (each trial drew its rows with its own train.seed): not reusable.

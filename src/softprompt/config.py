@@ -582,7 +582,7 @@ def _read_config_text(path: str) -> str:
     """A config file's text: a local path, or `s3://bucket/key` (endpoint from AWS_ENDPOINT_URL,
     credentials from the standard AWS chain) for jobs that start on a cluster."""
     if path.startswith("s3://"):
-        from softprompt.storage import StoreError, open_store
+        from softprompt.registry.store import StoreError, open_store
 
         prefix, _, name = path.rpartition("/")
         if not name or prefix == "s3:/":

@@ -30,7 +30,7 @@ from softprompt.config import DataConfig, JobConfig
 from softprompt.dataset import SPLITS, Split, write_split
 from softprompt.errors import DataError, StoreError
 from softprompt.modeling import load_tokenizer
-from softprompt.storage import open_store
+from softprompt.registry.store import open_store
 from softprompt.tasks import encode_input, encode_target
 
 MANIFEST_FILE = "dataset_manifest.json"

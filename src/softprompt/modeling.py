@@ -234,7 +234,7 @@ def _file_sha256(path: Path) -> str:
 
 def _sync_s3_prefix(uri: str, cache: Path, endpoint_url: str | None) -> Path:
     """Download every object under an s3:// prefix into the cache (skipping files already there)."""
-    from softprompt.storage import open_store
+    from softprompt.registry.store import open_store
 
     digest = hashlib.sha256(f"{endpoint_url}|{uri}".encode()).hexdigest()[:16]
     out = cache / "s3" / f"{_short_name(uri)}-{digest}"

@@ -12,7 +12,7 @@ from pathlib import Path
 from softprompt.config import JobConfig
 from softprompt.errors import DataError
 from softprompt.registry import PublishResult, publish
-from softprompt.storage import open_store
+from softprompt.registry.store import open_store
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "run_manifest.json", "report.html")
 

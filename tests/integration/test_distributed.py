@@ -18,10 +18,10 @@ import boto3
 import pytest
 from safetensors.torch import load_file
 
-from softprompt import distributed
 from softprompt.dataset import read_split
 from softprompt.modeling import load_model
 from softprompt.prompts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from softprompt.ray import train as distributed
 
 if TYPE_CHECKING:
     from conftest import TinyTask

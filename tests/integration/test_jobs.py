@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from softprompt import jobs
 from softprompt.cli import main
+from softprompt.ray import jobs
 
 if TYPE_CHECKING:
     from conftest import TinyTask

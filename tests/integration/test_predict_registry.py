@@ -19,7 +19,7 @@ from softprompt.cli import main
 from softprompt.config import load_config
 from softprompt.modeling import load_model
 from softprompt.registry import Gate, promote, publish
-from softprompt.storage import LocalStore, S3Store
+from softprompt.registry.store import LocalStore, S3Store
 from softprompt.testing import build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

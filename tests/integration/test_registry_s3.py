@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from softprompt import registry, registry_cli
+from softprompt import registry
 from softprompt.errors import ConflictError, IntegrityError, StoreError
 from softprompt.registry import Gate, promote, publish, pull, resolve_artifact, rollback
-from softprompt.storage import ArtifactStore, LocalStore, NotFoundError, S3Store
+from softprompt.registry import cli as registry_cli
+from softprompt.registry.store import ArtifactStore, LocalStore, NotFoundError, S3Store
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MODEL_KEY = "huggingfacetb--smollm2-135m-instruct"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from softprompt.asha import PARKED, GatedVariantGenerator, PromotionScheduler, rungs
+from softprompt.ray.asha import PARKED, GatedVariantGenerator, PromotionScheduler, rungs
 
 CONTINUE, PAUSE = "CONTINUE", "PAUSE"
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from softprompt.distributed import START_TIMEOUT_ENV, scoped_env
+from softprompt.ray.train import START_TIMEOUT_ENV, scoped_env
 
 
 def test_the_start_timeout_is_set_for_the_call_and_put_back_after(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,8 +32,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from softprompt import __version__, jobs
+from softprompt import __version__
 from softprompt.errors import SoftpromptError
+from softprompt.ray import jobs
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 TERMINAL_JOB_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -311,7 +312,7 @@ def run_ray_job(
     Raises:
         RayLaunchError: when the cluster cannot be reached or the job does not succeed.
     """
-    from softprompt import jobs
+    from softprompt.ray import jobs
 
     if client is None:
         from ray.job_submission import JobSubmissionClient

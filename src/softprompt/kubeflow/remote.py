@@ -58,7 +58,7 @@ def default_scratch(registry: str, name: str) -> str:
 
 def push_tree(src: Path, uri: str, endpoint: str | None) -> None:
     """Upload every file under `src` to the store at `uri`, keyed by its relative path."""
-    from softprompt.storage import open_store
+    from softprompt.registry.store import open_store
 
     store = open_store(uri, endpoint_url=endpoint)
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
@@ -67,14 +67,14 @@ def push_tree(src: Path, uri: str, endpoint: str | None) -> None:
 
 def push_file(path: Path, uri: str, endpoint: str | None) -> None:
     """Upload one file to the store at `uri`, under its own name."""
-    from softprompt.storage import open_store
+    from softprompt.registry.store import open_store
 
     open_store(uri, endpoint_url=endpoint).put_file(path.name, path)
 
 
 def pull_tree(uri: str, dest: Path, endpoint: str | None) -> None:
     """Download every key under the store at `uri` into `dest`."""
-    from softprompt.storage import open_store
+    from softprompt.registry.store import open_store
 
     store = open_store(uri, endpoint_url=endpoint)
     keys = store.list("")

@@ -267,7 +267,7 @@ def collect_winners(run_dir: Path, out: Path, command: str, config: Path) -> Non
     evaluate also scores them as an ensemble. `command` (the CLI command that ran) is recorded
     in `ranking.json`.
     """
-    from softprompt.distributed import with_params
+    from softprompt.ray.train import with_params
 
     result = json.loads((run_dir / "tune" / "tune_result.json").read_text(encoding="utf-8"))
     trial_dirs = [Path(adapter).parent for adapter in result["ensemble"]]
@@ -325,7 +325,7 @@ def fetch_file(uri: str, dest: Path, *, endpoint_url: str | None = None) -> Path
     if not uri:
         raise StepError("config_uri is empty; pass a YAML path or s3://bucket/key")
     if uri.startswith("s3://"):
-        from softprompt.storage import open_store
+        from softprompt.registry.store import open_store
 
         parent, _, key = uri.rpartition("/")
         return open_store(parent, endpoint_url=endpoint_url).get_file(key, dest)

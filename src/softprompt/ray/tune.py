@@ -1,10 +1,10 @@
 """Tune (`softprompt tune`): a hyperparameter search in which every trial is a Ray Train run.
 
-    result = run(cfg, data_uri, run_dir)    # Tuner -> trials -> distributed.fit -> TorchTrainer
+    result = run(cfg, data_uri, run_dir)    # Tuner -> trials -> ray_train.fit -> TorchTrainer
     result.adapter_dirs                     # the best trial's prompt first, then the next best
 
 Ray 2.60 runs Ray Train V2, where `Tuner(trainer)` no longer works: a trial is a function that
-builds and fits a TorchTrainer (`distributed.fit`), whose TuneReportCallback forwards rank 0's
+builds and fits a TorchTrainer (`ray_train.fit`), whose TuneReportCallback forwards rank 0's
 reports (with the checkpoint's path) to Tune. ASHA compares trials on `best_metric` (the best eval
 result so far) after each evaluation round; the search is random or Optuna (TPE).
 
@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from softprompt import asha, distributed
 from softprompt.config import JobConfig, config_from_dict, replace, to_dict
 from softprompt.errors import ConfigError, SoftpromptError
-from softprompt.jobs import TRIAL_CPU, run_reservation
+from softprompt.ray import asha
+from softprompt.ray import train as ray_train
+from softprompt.ray.jobs import TRIAL_CPU, run_reservation
 
 if TYPE_CHECKING:
     from softprompt.modeling import LoadedModel
@@ -138,10 +139,10 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, loaded: Lo
     metric = t.metric or cfg.evaluate.primary_metric
     # Trials keep (and ASHA compares) their best prompt by the metric the sweep ranks on.
     trial_cfg = replace(cfg, [f"evaluate.primary_metric={metric}"])
-    storage_path, fs = distributed.storage_location(cfg.ray, run_dir)
+    storage_path, fs = ray_train.storage_location(cfg.ray, run_dir)
     experiment_path = f"{storage_path}/{EXPERIMENT}"
-    experiment_uri = distributed.checkpoint_uri(experiment_path, cfg.ray)
-    data = distributed.open_datasets(cfg, data_uri)
+    experiment_uri = ray_train.checkpoint_uri(experiment_path, cfg.ray)
+    data = ray_train.open_datasets(cfg, data_uri)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_trial, cfg_dict=to_dict(trial_cfg), run_dir=str(run_dir), data=data),
         # The trial function only drives its TorchTrainer; the workers reserve the real resources.
@@ -205,7 +206,7 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, loaded: Lo
     members = [usable[0], *others][: t.top_k_ensemble]
     for tr in members:
         assert tr.checkpoint_uri is not None
-        adapters.append(distributed.export_adapter(_with_params(trial_cfg, tr.params), loaded, tr.checkpoint_uri, Path(run_dir) / EXPERIMENT / tr.trial_id))
+        adapters.append(ray_train.export_adapter(_with_params(trial_cfg, tr.params), loaded, tr.checkpoint_uri, Path(run_dir) / EXPERIMENT / tr.trial_id))
     history_path = adapters[0].parent / "train_history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     result = TuneResult(experiment_uri, metric, trials, adapters, _with_params(cfg, usable[0].params), history)
@@ -373,7 +374,7 @@ def _trial(config: dict[str, Any], *, cfg_dict: dict[str, Any], run_dir: str, da
     hold_at: tuple[int, ...] = ()
     if cfg.tune.scheduler == "asha_promote":
         hold_at = tuple(asha.rungs(cfg.train.steps, cfg.train.eval_every, cfg.tune.grace_period, cfg.tune.reduction_factor))
-    distributed.fit(cfg, "", run_dir, config, name=asha.train_run_name(trial_id), datasets=data, report_to_tune=True, hold_at=hold_at)
+    ray_train.fit(cfg, "", run_dir, config, name=asha.train_run_name(trial_id), datasets=data, report_to_tune=True, hold_at=hold_at)
 
 
 def _check_same_sweep(path: Path, sweep: dict[str, Any], where: str) -> None:
@@ -418,7 +419,7 @@ def _summaries(grid: Any, cfg: JobConfig, rc: Any) -> list[TrialSummary]:
             TrialSummary(
                 trial_id=str(m.get("trial_id") or Path(r.path).name), params=dict(r.config or {}), status=status,
                 best_metric=float(m[TUNE_METRIC]) if m.get(TUNE_METRIC) is not None else None, steps=step,
-                checkpoint_uri=distributed.checkpoint_uri(path, rc) if path else None, workers=int(m.get("world_size") or 0),
+                checkpoint_uri=ray_train.checkpoint_uri(path, rc) if path else None, workers=int(m.get("world_size") or 0),
                 error=str(r.error).splitlines()[0][:300] if r.error is not None else None,
             )
         )
@@ -427,7 +428,7 @@ def _summaries(grid: Any, cfg: JobConfig, rc: Any) -> list[TrialSummary]:
 
 
 def _with_params(cfg: JobConfig, params: dict[str, Any]) -> JobConfig:
-    return distributed.with_params(cfg, params)
+    return ray_train.with_params(cfg, params)
 
 
 def _trial_name(trial: Any) -> str:

@@ -116,7 +116,7 @@ def fit(
         datasets: `open_datasets`' result (Tune opens it once on the driver); None opens it here.
         report_to_tune: Forward every report to the enclosing Ray Tune trial.
         hold_at: Steps after whose report the workers wait for the scheduler's go
-            (`softprompt.asha`: a trial told to wait at a rung must not train on meanwhile).
+            (`softprompt.ray.asha`: a trial told to wait at a rung must not train on meanwhile).
 
     Returns:
         The run's latest checkpoint, last metrics and per-worker throughput.
@@ -426,7 +426,7 @@ class _RayHooks:
         if int(plain["step"]) in self.hold_at:
             # A rung of asha_promote: every rank waits for the scheduler's go (a trial it pauses is
             # stopped here), so a paused trial does not train on past the rung it is judged at.
-            from softprompt.asha import wait_for_go
+            from softprompt.ray.asha import wait_for_go
 
             wait_for_go(self.trial, int(plain["step"]))
         if self.rank == 0:

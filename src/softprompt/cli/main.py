@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3 endpoint for s3:// artifacts")
     p.set_defaults(func=cmd_predict)
 
-    from softprompt import registry_cli, serve
+    from softprompt import serve
     from softprompt.kubeflow import cli as kubeflow_cli
+    from softprompt.registry import cli as registry_cli
 
     registry_cli.add_commands(sub)
     kubeflow_cli.add_commands(sub)
@@ -188,10 +189,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """`softprompt tune`: a Ray Tune sweep over ingested data."""
     cfg = _config(args)
     if args.submit:
-        from softprompt import jobs
+        from softprompt.ray import jobs
 
         return jobs.submit(cfg, "tune", args.submit, run_dir=args.run_dir, extra_args=["--data", args.data] if args.data else None)
-    from softprompt import jobs, tune
+    from softprompt.ray import jobs, tune
 
     run_dir = _run_dir(cfg, args)
     data = args.data or str(run_dir / "data")
@@ -216,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.submit:
-        from softprompt import jobs
+        from softprompt.ray import jobs
 
         return jobs.submit(cfg, "run", args.submit, run_dir=args.run_dir, extra_args=["--no-publish"] if args.no_publish else None)
     if cfg.tune.num_samples >= 1 or args.ray_address or cfg.ray.address:
@@ -237,8 +238,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_on_ray(cfg: JobConfig, args: argparse.Namespace) -> int:
     """`softprompt run` through Ray: ingest -> tune (or one Ray Train run) -> evaluate -> publish."""
-    from softprompt import distributed, ingest, jobs
+    from softprompt import ingest
     from softprompt.modeling import load_model
+    from softprompt.ray import jobs
+    from softprompt.ray import train as distributed
 
     run_dir = _run_dir(cfg, args)
     progress = not args.no_progress
@@ -249,7 +252,7 @@ def _run_on_ray(cfg: JobConfig, args: argparse.Namespace) -> int:
     print(jobs.init_ray(cfg.ray, args.ray_address, tuning=cfg.tune.num_samples >= 1))
     loaded = load_model(cfg.model)
     if cfg.tune.num_samples >= 1:
-        from softprompt import tune
+        from softprompt.ray import tune
 
         print(f"[2/4] tune ({cfg.tune.num_samples} trials, {cfg.ray.num_workers} Ray Train workers each) on {cfg.model.name}")
         tr = tune.run(cfg, run_dir / "data", run_dir, loaded=loaded)

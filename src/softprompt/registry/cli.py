@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from softprompt import registry
 from softprompt.errors import SoftpromptError
-from softprompt.storage import ArtifactStore, open_store
+from softprompt.registry import versions as registry
+from softprompt.registry.store import ArtifactStore, open_store
 
 EXIT_OK = 0
 EXIT_NOT_PROMOTED = 3
