@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from softprompt import ingest  # noqa: E402
 from softprompt.config import load_config  # noqa: E402
-from softprompt.ray import jobs  # noqa: E402
+from softprompt.ray import cluster  # noqa: E402
 from softprompt.ray import train as distributed  # noqa: E402
 
 CASES = [("1 worker x 1 thread", 1, 1), ("1 worker x 2 threads", 1, 2), ("2 workers x 1 thread", 2, 1)]
@@ -62,7 +62,7 @@ def main() -> int:
         overrides.append(f"model.name={tiny}")
     cfg = load_config(ROOT / "configs" / "sst2.yaml", overrides)
     print(ingest.run(cfg, out / "data").summary())
-    print(jobs.init_ray(cfg.ray, tuning=False))
+    print(cluster.init_ray(cfg.ray, tuning=False))
     rows = []
     for label, workers, threads in CASES:
         case = load_config(ROOT / "configs" / "sst2.yaml", [*overrides, f"ray.num_workers={workers}", f"ray.cpus_per_worker={threads}"])

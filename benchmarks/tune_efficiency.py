@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from softprompt import dataset as ds  # noqa: E402
 from softprompt import ingest  # noqa: E402
 from softprompt.config import JobConfig, load_config  # noqa: E402
-from softprompt.ray import jobs, tune  # noqa: E402
+from softprompt.ray import cluster, tune  # noqa: E402
 
 # Every trial is scored on the same eval rows, drawn with data.split_seed. Results files without
 # this key come from before that fix (each trial drew its rows with its own train.seed): not reusable.
@@ -76,7 +76,7 @@ def main() -> int:
     print(f"preparing SST-2 in {out / 'data'} ...", flush=True)
     prepared = ingest.run(cfg, out / "data")
     print(prepared.summary())
-    print(jobs.init_ray(cfg.ray))
+    print(cluster.init_ray(cfg.ray))
     from softprompt.modeling import load_model
 
     loaded = load_model(cfg.model)

@@ -8,7 +8,6 @@ one `ConfigError` that lists them all.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import types
 import typing
@@ -18,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from softprompt.errors import ConfigError
+from softprompt.errors import ConfigError, StoreError
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,6 @@ class DataConfig:
     """Use at most this many eval rows (deterministic stratified sample); `null` uses all."""
     max_test_rows: int | None = None
     """Use at most this many test rows (deterministic stratified sample); `null` uses all."""
-    s3_endpoint_url: str | None = None
-    """Custom S3 endpoint (MinIO, Ceph, moto) for `s3://` inputs; credentials come from the AWS chain."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +98,6 @@ class ModelConfig:
     """`auto` uses CUDA when available."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`)."""
-    s3_endpoint_url: str | None = None
-    """Custom S3 endpoint for `s3://` model prefixes."""
 
 
 @dataclass(frozen=True)
@@ -194,12 +189,22 @@ class EvaluateConfig:
 class PublishConfig:
     """Where finished runs go (`softprompt publish`)."""
 
-    store: str = "runs/registry"
-    """Registry root: a local folder or an `s3://bucket/prefix` URI."""
-    s3_endpoint_url: str | None = None
-    """Custom S3 endpoint (MinIO, moto); credentials come from the standard AWS chain."""
+    registry: str = "runs/registry"
+    """The prompt registry: a local folder or an `s3://bucket/prefix` URI."""
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """The S3-compatible object store behind every `s3://` URI of the job: data, model, registry and
+    Ray's storage path. Credentials always come from the standard AWS chain (environment, profile,
+    instance or pod identity), never from a config file."""
+
+    endpoint: str | None = None
+    """Custom endpoint (MinIO, Ceph, moto), e.g. `http://127.0.0.1:9000`; `null` uses AWS (boto3
+    also honours $AWS_ENDPOINT_URL). One setting for every `s3://` URI: pyarrow, which ignores
+    $AWS_ENDPOINT_URL, gets it as `endpoint_override`."""
     region: str | None = None
-    """S3 region."""
+    """Region; `null` takes it from the AWS configuration (us-east-1 where there is none)."""
 
 
 @dataclass(frozen=True)
@@ -227,9 +232,6 @@ class RayConfig:
     storage_path: str | None = None
     """Where Ray Train and Tune keep checkpoints and trial state: a local folder or `s3://bucket/prefix`.
     `null` uses `<run folder>/ray`. A multi-node cluster needs shared storage (S3)."""
-    storage_endpoint_url: str | None = None
-    """Custom S3 endpoint (MinIO, moto) for an `s3://` storage path or `s3://` data; passed to pyarrow
-    as `endpoint_override` (pyarrow ignores AWS_ENDPOINT_URL)."""
     max_failures: int = 2
     """Worker-group failures a training run recovers from (restarting from its last checkpoint);
     -1 retries forever, 0 fails at once."""
@@ -328,6 +330,8 @@ class JobConfig:
     """Final evaluation and baselines."""
     publish: PublishConfig = field(default_factory=PublishConfig)
     """Where results are published."""
+    s3: S3Config = field(default_factory=S3Config)
+    """The S3 endpoint and region of every `s3://` URI."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Ray cluster, Ray Train workers and fault tolerance."""
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -336,6 +340,18 @@ class JobConfig:
     """Local working folder: each run writes to `<workdir>/<run_name>/`."""
     run_name: str | None = None
     """Run folder name; `null` derives `<task>-<timestamp>`."""
+
+
+RENAMED = {
+    "publish.store": "publish.registry",
+    "publish.s3_endpoint_url": "s3.endpoint",
+    "publish.region": "s3.region",
+    "data.s3_endpoint_url": "s3.endpoint",
+    "model.s3_endpoint_url": "s3.endpoint",
+    "ray.storage_endpoint_url": "s3.endpoint",
+}
+"""Config keys of earlier releases -> their names now (docs/migration.md). A renamed key is an error
+that names the new one, never silently ignored."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,11 +414,24 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def replace(cfg: JobConfig, overrides: list[str]) -> JobConfig:
-    """A copy of `cfg` with `a.b=value` overrides applied and validated."""
-    raw = to_dict(cfg)
+    """A copy of `cfg` with `a.b=value` overrides (values as YAML text) applied and validated."""
+    values: dict[str, Any] = {}
     problems: list[str] = []
     for item in overrides:
-        _apply_override(raw, item, problems)
+        parsed = _parse_override(item, problems)
+        if parsed is not None:
+            values[parsed[0]] = parsed[1]
+    if problems:
+        raise ConfigError(problems)
+    return with_values(cfg, values)
+
+
+def with_values(cfg: JobConfig, values: dict[str, Any]) -> JobConfig:
+    """A copy of `cfg` with `{"section.key": value}` set (typed values, e.g. a Tune trial's) and validated."""
+    raw = to_dict(cfg)
+    problems: list[str] = []
+    for key, value in values.items():
+        _set_path(raw, key, value, problems)
     if problems:
         raise ConfigError(problems)
     return config_from_dict(raw)
@@ -579,22 +608,17 @@ def _spec_problems(where: str, spec: Any) -> list[str]:
 
 
 def _read_config_text(path: str) -> str:
-    """A config file's text: a local path, or `s3://bucket/key` (endpoint from AWS_ENDPOINT_URL,
+    """A config file's text: a local path, or `s3://bucket/key` (endpoint from $AWS_ENDPOINT_URL,
     credentials from the standard AWS chain) for jobs that start on a cluster."""
-    if path.startswith("s3://"):
-        from softprompt.registry.store import StoreError, open_store
+    from softprompt.uris import read_bytes
 
-        prefix, _, name = path.rpartition("/")
-        if not name or prefix == "s3:/":
-            raise ConfigError(f"config URI {path} names no object; write it as s3://BUCKET/path/config.yaml", path)
-        try:
-            return open_store(prefix, endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None).get_bytes(name).decode("utf-8")
-        except (StoreError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}", path) from exc
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist; pass an existing YAML file (or an s3:// URI)", path)
-    return p.read_text(encoding="utf-8")
+    try:
+        return read_bytes(path).decode("utf-8")
+    except StoreError as exc:
+        fix = "pass an existing YAML file (or an s3:// URI)" if "://" not in path else "check the URI, s3 endpoint and credentials"
+        raise ConfigError(f"cannot read config {path}: {exc}; {fix}", path) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text ({exc}); save it as UTF-8", path) from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -602,18 +626,30 @@ def _read_config_text(path: str) -> str:
 
 
 def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
+    parsed = _parse_override(item, problems)
+    if parsed is not None:
+        _set_path(raw, parsed[0], parsed[1], problems)
+
+
+def _parse_override(item: str, problems: list[str]) -> tuple[str, Any] | None:
+    """`a.b=text` -> (`a.b`, the text read as YAML), or None with the problem recorded."""
     if "=" not in item:
         problems.append(f"override {item!r} must look like section.key=value")
-        return
+        return None
     dotted, _, text = item.partition("=")
-    keys = [k for k in dotted.strip().split(".") if k]
-    if not keys:
+    key = ".".join(k for k in dotted.strip().split(".") if k)
+    if not key:
         problems.append(f"override {item!r} has no key before '='")
-        return
+        return None
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    return key, value
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any, problems: list[str]) -> None:
+    keys = dotted.split(".")
     node = raw
     for k in keys[:-1]:
         child = node.get(k)
@@ -621,7 +657,7 @@ def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None
             child = {}
             node[k] = child
         if not isinstance(child, dict):
-            problems.append(f"override {item!r}: {k} is not a section")
+            problems.append(f"{dotted}={value!r}: {k} is not a section")
             return
         node = child
     node[keys[-1]] = value
@@ -638,6 +674,9 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     for key in unknown:
+        if f"{prefix}{key}" in RENAMED:
+            problems.append(f"{prefix}{key} was renamed to {RENAMED[f'{prefix}{key}']}: write that instead (docs/migration.md)")
+            continue
         close = _closest(str(key), list(fields))
         hint = f" (did you mean {close!r}?)" if close else ""
         problems.append(f"unknown key {prefix}{key}{hint}; valid keys of {where}: {', '.join(fields)}")

@@ -7,6 +7,7 @@ self-contained `report.html`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from softprompt.config import JobConfig
 from softprompt.manifest import run_manifest
 from softprompt.metrics import ClassificationMetrics, bootstrap_ci, classification_metrics, mcnemar_p
 from softprompt.modeling import LoadedModel
+from softprompt.outcome import TrainOutcome
 from softprompt.prompts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_prompt_embeddings
 from softprompt.report import ReportInputs, write_report
 from softprompt.scoring import (
@@ -76,26 +78,27 @@ def run(
     cfg: JobConfig,
     loaded: LoadedModel,
     data_dir: str | Path,
-    adapter_dirs: list[Path],
+    outcome: TrainOutcome,
     artifact_dir: str | Path,
     *,
-    history: list[dict[str, Any]] | None = None,
-    train_summary: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> EvaluateResult:
-    """Score the tuned prompt(s) and the baselines, and write the artifact folder.
+    """Score the trained prompt(s) and the baselines, and write the artifact folder.
 
     Args:
-        cfg: The job configuration (`evaluate`, `task` sections).
+        cfg: The job configuration; its `evaluate` section says how to evaluate. Everything else
+            (task, prompt, ...) comes from `outcome.config`, the configuration the prompt trained with.
         loaded: The frozen base model.
         data_dir: The prepared dataset (ingest output).
-        adapter_dirs: One tuned prompt, or several: the first is the single best; with more than
-            one, their ensemble (mean label log-probability) is scored too.
+        outcome: What training produced: the winners (the first is the single best; with more
+            than one, their ensemble of mean label log-probabilities is scored too), the history
+            for the report's curves and the summary the run manifest records.
         artifact_dir: Output folder (the adapter files of the winner are copied in).
-        history: Training records for the report's curves.
-        train_summary: Training facts for the manifest (steps, throughput, peak memory).
         progress: Show progress bars.
     """
+    cfg = dataclasses.replace(outcome.config, evaluate=cfg.evaluate)
+    adapter_dirs = list(outcome.winners)
+    history, train_summary = outcome.history, outcome.summary
     ev = cfg.evaluate
     split_name = ev.split if (ev.split == "eval" or ds.has_split(data_dir, "test")) else "eval"
     rows = ds.read_split(data_dir, split_name)

@@ -26,12 +26,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from softprompt.config import DataConfig, JobConfig
+from softprompt.config import DataConfig, JobConfig, S3Config
 from softprompt.dataset import SPLITS, Split, write_split
 from softprompt.errors import DataError, StoreError
 from softprompt.modeling import load_tokenizer
-from softprompt.registry.store import open_store
 from softprompt.tasks import encode_input, encode_target
+from softprompt.uris import is_s3, read_bytes
 
 MANIFEST_FILE = "dataset_manifest.json"
 REJECTS_FILE = "rejects.jsonl"
@@ -130,7 +130,7 @@ def run(
     for name in (*(f"{s}.parquet" for s in SPLITS), MANIFEST_FILE, REJECTS_FILE):
         (out / name).unlink(missing_ok=True)
 
-    readable, problems = _read_all(data)
+    readable, problems = _read_all(data, cfg.s3)
     # Loaded only now, so a mistyped path fails before a base model is fetched or converted.
     tok: Any = tokenizer
     if readable and tok is None:
@@ -223,10 +223,10 @@ def check_sources(cfg: JobConfig) -> list[str]:
     Returns:
         Every problem found, each naming the file and the fix; empty when ingest can start.
     """
-    return _read_all(cfg.data)[1]
+    return _read_all(cfg.data, cfg.s3)[1]
 
 
-def _read_all(data: DataConfig) -> tuple[list[tuple[_Source, dict[str, str | int]]], list[str]]:
+def _read_all(data: DataConfig, s3: S3Config) -> tuple[list[tuple[_Source, dict[str, str | int]]], list[str]]:
     """The readable sources with their resolved columns, and the problems of the others."""
     problems: list[str] = []
     readable: list[tuple[_Source, dict[str, str | int]]] = []
@@ -234,7 +234,7 @@ def _read_all(data: DataConfig) -> tuple[list[tuple[_Source, dict[str, str | int
         if not uri:
             continue
         try:
-            source = _read(split, uri, data)
+            source = _read(split, uri, data, s3)
         except DataError as exc:
             problems.append(str(exc))
             continue
@@ -273,9 +273,9 @@ class _Source:
         return f"data.{self.split} file {self.uri}"
 
 
-def _read(split: str, uri: str, data: DataConfig) -> _Source:
+def _read(split: str, uri: str, data: DataConfig, s3: S3Config) -> _Source:
     where = f"data.{split} file {uri}"
-    raw = _load(split, uri, data)
+    raw = _load(split, uri, s3)
     fmt = _pick_format(split, uri, data)
     sha = hashlib.sha256(raw).hexdigest()
     if not raw.strip():
@@ -304,32 +304,18 @@ def _read(split: str, uri: str, data: DataConfig) -> _Source:
     return _Source(split, uri, fmt, sha, records, names, keyed, guessed)
 
 
-def _load(split: str, uri: str, data: DataConfig) -> bytes:
-    if uri.startswith("s3://"):
-        parent, _, name = uri[len("s3://") :].rpartition("/")
-        if not parent or not name:
-            raise DataError(
-                f"data.{split}={uri!r} does not name a file; write it as s3://BUCKET/path/file.csv"
-            )
+def _load(split: str, uri: str, s3: S3Config) -> bytes:
+    if is_s3(uri):
+        if not uri[len("s3://") :].strip("/").count("/"):
+            raise DataError(f"data.{split}={uri!r} does not name a file; write it as s3://BUCKET/path/file.csv")
         try:
-            return open_store(f"s3://{parent}", endpoint_url=data.s3_endpoint_url).get_bytes(name)
+            return read_bytes(uri, endpoint=s3.endpoint, region=s3.region)
         except StoreError as exc:
-            raise DataError(
-                f"cannot read data.{split}={uri}: {exc}; check data.{split} and data.s3_endpoint_url"
-            ) from exc
-    path = Path(uri.removeprefix("file://")).expanduser()
-    if not path.exists():
-        raise DataError(
-            f"data.{split} file {path} does not exist (relative paths start at {Path.cwd()}); check the path"
-        )
-    if path.is_dir():
-        raise DataError(f"data.{split}={path} is a folder; point it at a CSV, TSV, JSONL or Parquet file")
+            raise DataError(f"cannot read data.{split}={uri}: {exc}; check data.{split} and s3.endpoint") from exc
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise DataError(
-            f"cannot read data.{split} file {path}: {exc.strerror or exc}; check its permissions"
-        ) from exc
+        return read_bytes(uri)
+    except StoreError as exc:
+        raise DataError(f"data.{split} file {exc} (relative paths start at {Path.cwd()}); check data.{split}") from exc
 
 
 def _pick_format(split: str, uri: str, data: DataConfig) -> str:

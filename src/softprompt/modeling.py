@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from softprompt.config import ModelConfig
+from softprompt.config import ModelConfig, S3Config
 from softprompt.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class LoadedModel:
     """Base-model identity for manifests: name, source, local path, weights sha256, dtype."""
 
 
-def resolve_model_dir(cfg: ModelConfig) -> tuple[Path, dict[str, Any]]:
+def resolve_model_dir(cfg: ModelConfig, s3: S3Config | None = None) -> tuple[Path, dict[str, Any]]:
     """A local Hugging Face folder for `cfg.name`, converting or downloading into the cache as needed.
 
     Returns:
@@ -68,7 +68,7 @@ def resolve_model_dir(cfg: ModelConfig) -> tuple[Path, dict[str, Any]]:
             raise ModelError(f"{gguf} is missing from the installed {package}; reinstall it")
         return _from_gguf(gguf, cache), {"name": name, "source": f"pypi:{package}/{filename}", "upstream": upstream}
     if name.startswith("s3://"):
-        local = _sync_s3_prefix(name, cache, cfg.s3_endpoint_url)
+        local = _sync_s3_prefix(name, cache, s3 or S3Config())
         return local, {"name": _short_name(name), "source": name}
     path = Path(os.path.expanduser(name))
     if path.is_file() and path.suffix == ".gguf":
@@ -85,11 +85,11 @@ def resolve_model_dir(cfg: ModelConfig) -> tuple[Path, dict[str, Any]]:
     return Path(name), {"name": _short_name(name), "source": f"hub:{name}"}
 
 
-def load_tokenizer(cfg: ModelConfig) -> Any:
+def load_tokenizer(cfg: ModelConfig, s3: S3Config | None = None) -> Any:
     """The tokenizer of the configured model, with a pad token and right padding."""
     from transformers import AutoTokenizer
 
-    model_dir, _ = resolve_model_dir(cfg)
+    model_dir, _ = resolve_model_dir(cfg, s3)
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
@@ -97,7 +97,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return _prepare_tokenizer(tok)
 
 
-def load_model(cfg: ModelConfig, *, device: str | None = None) -> LoadedModel:
+def load_model(cfg: ModelConfig, *, device: str | None = None, s3: S3Config | None = None) -> LoadedModel:
     """Load the frozen base model and its tokenizer.
 
     Args:
@@ -110,7 +110,7 @@ def load_model(cfg: ModelConfig, *, device: str | None = None) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model_dir, identity = resolve_model_dir(cfg)
+    model_dir, identity = resolve_model_dir(cfg, s3)
     dev = torch.device(device or _pick_device(cfg.device))
     dtype = _pick_dtype(cfg.dtype, dev)
     try:
@@ -122,7 +122,7 @@ def load_model(cfg: ModelConfig, *, device: str | None = None) -> LoadedModel:
     model.to(dev)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
-    tok = load_tokenizer(cfg)
+    tok = load_tokenizer(cfg, s3)
     identity = {
         **identity,
         "local_path": str(model_dir),
@@ -232,13 +232,13 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _sync_s3_prefix(uri: str, cache: Path, endpoint_url: str | None) -> Path:
+def _sync_s3_prefix(uri: str, cache: Path, s3: S3Config) -> Path:
     """Download every object under an s3:// prefix into the cache (skipping files already there)."""
     from softprompt.registry.store import open_store
 
-    digest = hashlib.sha256(f"{endpoint_url}|{uri}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{s3.endpoint}|{uri}".encode()).hexdigest()[:16]
     out = cache / "s3" / f"{_short_name(uri)}-{digest}"
-    store = open_store(uri, endpoint_url=endpoint_url)
+    store = open_store(uri, endpoint_url=s3.endpoint, region=s3.region)
     keys = store.list("")
     if not keys:
         raise ModelError(f"no objects under {uri}; upload a Hugging Face model folder there")

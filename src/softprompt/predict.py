@@ -7,6 +7,7 @@ different lengths are left-aligned and masked). Results equal running each promp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from softprompt.config import JobConfig, config_from_dict
 from softprompt.engine import Prefix, body_and_head, greedy_generate, input_hidden, label_scores, make_batch
-from softprompt.errors import DataError, ModelError
+from softprompt.errors import ConfigError, DataError, ModelError
 from softprompt.modeling import LoadedModel
 from softprompt.prompts import load_prompt_embeddings, read_adapter_config, resolve_prompt_dir
 from softprompt.scoring import to_probs
@@ -84,7 +85,7 @@ class PromptTable:
         width = int(self.loaded.model.get_input_embeddings().weight.shape[1])
         if embeds.shape[1] != width:
             raise ModelError(f"prompt {name!r} ({artifact}) has width {embeds.shape[1]}; the loaded base model has {width}")
-        cfg = _artifact_config(folder)
+        cfg = artifact_config(folder)
         verbalizer = build_verbalizer(cfg.task, self.loaded.tokenizer) if cfg.task.kind == "classification" else None
         members = [m.to(self.loaded.device) for m in _ensemble_members(folder)]
         prompt = TunedPrompt(name, embeds.to(self.loaded.device), cfg, verbalizer, str(artifact), members)
@@ -128,6 +129,71 @@ def predict_rows(table: PromptTable, rows: Sequence[tuple[str, str]], batch_size
             for i, pred in zip(idx, _predict_batch(table, names, [seqs[i] for i in idx], [rows[i][1] for i in idx]), strict=True):
                 out[i] = pred
     return [p for p in out if p is not None]
+
+
+@dataclass(frozen=True)
+class PromptRef:
+    """One `[NAME=]DIR_OR_URI` reference resolved to a local, verified folder."""
+
+    name: str
+    """What rows and requests call it (default: its task's name)."""
+    ref: str
+    """The reference as given (reported back by serve's /v1/prompts)."""
+    folder: Path
+    """The local folder holding it (a run's artifact folder, or a verified registry version)."""
+    cfg: JobConfig
+    """The configuration it was trained with (from its run manifest)."""
+
+
+def resolve_prompts(specs: Sequence[str], *, s3_endpoint: str | None = None) -> list[PromptRef]:
+    """Resolve `[NAME=]DIR_OR_URI` specs (artifact folders, registry versions, `.../champion` aliases,
+    `s3://` URIs, downloaded and verified into the artifact cache) without loading any model.
+
+    Raises:
+        ConfigError: when two prompts get the same name.
+        StoreError, ModelError: a reference that cannot be resolved, verified or read.
+    """
+    from softprompt.registry import resolve_artifact
+    from softprompt.uris import artifact_cache
+
+    refs = []
+    for spec in specs:
+        name, _, ref = spec.partition("=") if "=" in spec and not spec.startswith("s3://") else ("", "", spec)
+        folder = Path(ref) if Path(ref).is_dir() else resolve_artifact(ref, artifact_cache(), endpoint_url=s3_endpoint)
+        cfg = artifact_config(folder)
+        refs.append(PromptRef(name or cfg.task.name, ref, folder, cfg))
+    names = [r.name for r in refs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"prompt names {duplicates} are given twice; name each prompt with --artifact NAME=DIR_OR_URI")
+    return refs
+
+
+def load_prompts(refs: Sequence[PromptRef], *, model: str | None = None, s3_endpoint: str | None = None) -> PromptTable:
+    """Load the base model the prompts were trained on (or `model`) and add every prompt to one table.
+
+    Every prompt must come from the same base model (compared by the weights SHA-256 in each run
+    manifest), since they all run on one.
+
+    Raises:
+        ConfigError: prompts trained on different base models.
+    """
+    from softprompt.modeling import load_model
+
+    bases = {r.name: _base_model(r.folder) for r in refs}
+    first = refs[0].name
+    others = [n for n in bases if bases[n]["sha"] and bases[first]["sha"] and bases[n]["sha"] != bases[first]["sha"]]
+    if others:
+        raise ConfigError(
+            f"prompts {others} were trained on another base model than {first!r} ({bases[first]['name']}): "
+            + ", ".join(f"{n}: {bases[n]['name']}" for n in others)
+            + "; one model runs them all, so load each base model's prompts separately"
+        )
+    model_cfg = dataclasses.replace(refs[0].cfg.model, name=model) if model else refs[0].cfg.model
+    table = PromptTable(load_model(model_cfg, s3=dataclasses.replace(refs[0].cfg.s3, endpoint=s3_endpoint or refs[0].cfg.s3.endpoint)))
+    for r in refs:
+        table.add(r.name, r.folder)
+    return table
 
 
 def read_inputs(path: str | Path, text_column: str = "text", prompt_column: str | None = None, default_prompt: str = "") -> list[tuple[str, str]]:
@@ -251,9 +317,21 @@ def _ensemble_members(folder: Path) -> list[torch.Tensor]:
     return [tensors[f"member_{i}"] for i in range(len(tensors))]
 
 
-def _artifact_config(folder: Path) -> JobConfig:
+def artifact_config(folder: Path) -> JobConfig:
+    """The configuration an artifact folder's prompt was trained with (its run manifest's)."""
     for candidate in (folder / "run_manifest.json", folder.parent / "run_manifest.json"):
         if candidate.is_file():
             manifest = json.loads(candidate.read_text(encoding="utf-8"))
             return config_from_dict(manifest["config"])
     raise ModelError(f"{folder} has no run_manifest.json with the task's config; predict needs a published artifact folder")
+
+
+def _base_model(folder: Path) -> dict[str, Any]:
+    for candidate in (folder / "run_manifest.json", folder.parent / "run_manifest.json"):
+        try:
+            base = json.loads(candidate.read_text(encoding="utf-8")).get("base_model")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(base, dict):
+            return {"name": base.get("name"), "sha": base.get("weights_sha256")}
+    return {"name": None, "sha": None}

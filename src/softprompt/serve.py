@@ -20,7 +20,6 @@ default; put it behind a proxy that has both before exposing it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import queue
@@ -42,7 +41,6 @@ if TYPE_CHECKING:  # torch is imported only when a server starts, so `softprompt
 
 log = logging.getLogger("softprompt.serve")
 
-ARTIFACT_CACHE = "~/.cache/softprompt/artifacts"
 ROUTES = "GET /healthz, GET /v1/prompts, POST /v1/predict"
 
 
@@ -216,68 +214,6 @@ def describe_prompts(table: PromptTable, artifacts: dict[str, str]) -> list[dict
     return out
 
 
-def load_table(
-    specs: Sequence[str], *, model: str | None = None, endpoint_url: str | None = None, cache_dir: str | Path = ARTIFACT_CACHE
-) -> tuple[PromptTable, dict[str, str]]:
-    """Resolve `[NAME=]DIR_OR_URI` specs, load the first prompt's base model, and add every prompt.
-
-    A prompt without NAME= is named after its task. Every prompt must come from the same base model
-    (compared by the weights SHA-256 in each run_manifest.json), since they all run on one.
-
-    Returns:
-        The table and, per name, the reference as given (reported by /v1/prompts).
-
-    Raises:
-        ConfigError: duplicate names, or prompts trained on different base models.
-    """
-    from softprompt import predict
-    from softprompt.config import ModelConfig
-    from softprompt.modeling import load_model
-    from softprompt.registry import resolve_artifact
-
-    cache = Path(cache_dir).expanduser()
-    resolved: list[tuple[str, str, Path]] = []
-    for spec in specs:
-        name, _, ref = spec.partition("=") if "=" in spec and not spec.startswith("s3://") else ("", "", spec)
-        local = Path(ref) if Path(ref).is_dir() else resolve_artifact(ref, cache, endpoint_url=endpoint_url)
-        resolved.append((name or predict._artifact_config(local).task.name, ref, local))
-    names = [name for name, _, _ in resolved]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(f"prompt names {duplicates} are given twice; name each prompt with --artifact NAME=DIR_OR_URI")
-    bases = {name: _base_model(local) for name, _, local in resolved}
-    first = resolved[0][0]
-    others = [n for n in names if bases[n]["sha"] and bases[first]["sha"] and bases[n]["sha"] != bases[first]["sha"]]
-    if others:
-        raise ConfigError(
-            f"prompts {others} were trained on another base model than {first!r} ({bases[first]['name']}): "
-            + ", ".join(f"{n}: {bases[n]['name']}" for n in others)
-            + "; one server runs one base model, so start one server per base model"
-        )
-    first_cfg = predict._artifact_config(resolved[0][2])
-    model_cfg = ModelConfig(**{**first_cfg.model.__dict__, **({"name": model} if model else {})})
-    table = predict.PromptTable(load_model(model_cfg))
-    for name, _, local in resolved:
-        table.add(name, local)
-    return table, {name: ref for name, ref, _ in resolved}
-
-
-def add_command(subparsers: argparse._SubParsersAction) -> None:
-    """Register `softprompt serve` on the CLI's sub-parsers."""
-    d = ServeConfig()
-    about = "serve published prompts over HTTP: /healthz, /v1/prompts, /v1/predict (rows micro-batched across prompts)"
-    p = subparsers.add_parser("serve", help="serve published prompts over HTTP, micro-batched on one model", description=about)
-    p.add_argument("--artifact", action="append", required=True, metavar="[NAME=]DIR_OR_URI", help="a published prompt; repeat for several (default name: its task)")
-    p.add_argument("--host", default=d.host, help=f"interface to bind (default {d.host}; no auth, keep it behind a proxy)")
-    p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port}; 0 picks a free one)")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"most rows per forward pass (default {d.max_batch})")
-    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help=f"how long a row waits for company (default {d.max_wait_ms:g})")
-    p.add_argument("--max-request-rows", type=int, default=d.max_request_rows, help=f"most inputs per request (default {d.max_request_rows})")
-    p.add_argument("--model", help="base model override (default: the one the prompts were trained on)")
-    p.add_argument("--endpoint-url", help="S3 endpoint for s3:// artifacts")
-    p.set_defaults(func=_cmd_serve)
-
-
 # --------------------------------------------------------------------------------------------------
 
 
@@ -445,24 +381,9 @@ def _row(item: Any, where: str, prompts: Sequence[str]) -> tuple[str, str]:
     return str(name), text
 
 
-def _base_model(folder: Path) -> dict[str, Any]:
-    for candidate in (folder / "run_manifest.json", folder.parent / "run_manifest.json"):
-        base = _read_json(candidate).get("base_model")
-        if isinstance(base, dict):
-            return {"name": base.get("name"), "sha": base.get("weights_sha256")}
-    return {"name": None, "sha": None}
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    cfg = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_request_rows=args.max_request_rows)
-    table, artifacts = load_table(args.artifact, model=args.model, endpoint_url=args.endpoint_url)
-    run(table, cfg, artifacts)
-    return 0

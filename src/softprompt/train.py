@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,20 +27,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from softprompt import checkpoint
 from softprompt import prompts as prompts_mod
-from softprompt.config import JobConfig, to_dict
+from softprompt.batching import BatchPlan
+from softprompt.config import JobConfig
 from softprompt.dataset import Split
 from softprompt.engine import Prefix, label_scores, target_loss
-from softprompt.errors import ConfigError
 from softprompt.metrics import classification_metrics
 from softprompt.modeling import LoadedModel
 from softprompt.scoring import score_split, shared_prefix
 from softprompt.tasks import Verbalizer, build_verbalizer
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoint"
-ADAPTER_DIR = "adapter"
 
 
 class TrainHooks(Protocol):
@@ -88,7 +86,15 @@ class TrainResult:
     seconds: float
     peak_rss_mb: float
     peak_gpu_mb: float | None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Training facts for the run manifest (`TrainOutcome.summary`)."""
+        return {
+            "steps": self.steps, "best_step": self.best_step, "best_eval_metric": self.best_metric,
+            "stopped_early": self.stopped_early, "seconds": round(self.seconds, 1),
+            "tokens_per_second": round(self.tokens_per_second, 1), "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "peak_gpu_mb": self.peak_gpu_mb, "workers": 1,
+        }
 
 
 def run(
@@ -131,22 +137,22 @@ def run(
     params = prompt.parameters()
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.warmup_steps, tc.steps, tc.schedule))
-    fingerprint = _run_fingerprint(cfg, loaded, train, eval_split, hooks)
+    fingerprint = checkpoint.run_fingerprint(cfg, loaded, train, eval_split, presharded=hooks is not None and hooks.presharded)
     state: dict[str, Any] = {"step": 0, "history": [], "best_metric": None, "best_step": 0, "bad_evals": 0, "fingerprint": fingerprint}
-    ckpt = out / CHECKPOINT_DIR
+    ckpt = out / checkpoint.CHECKPOINT_DIR
     best_embeds: torch.Tensor | None = None
     if resume and (ckpt / "state.json").is_file():
-        _check_resumable(ckpt, fingerprint)
-        state, best_embeds = _load_checkpoint(ckpt, prompt, optimizer, scheduler)
+        checkpoint.check_resumable(ckpt, fingerprint)
+        state, best_embeds = checkpoint.load(ckpt, prompt, optimizer, scheduler)
         state["fingerprint"] = fingerprint
         state["resumed_at"] = [*state.get("resumed_at", []), state["step"]]  # kept in later checkpoints
         log.info("resumed from %s at step %d", ckpt, state["step"])
     # The same rows for every trial of a sweep (the data seed, not train.seed): rung comparisons stay fair.
     eval_rows = eval_split.sample(tc.eval_max_rows, cfg.data.split_seed) if eval_split is not None else None
     if hooks is not None and hooks.presharded:
-        plan = _BatchPlan(train.lengths, -(-tc.batch_size // world), 1, 0, tc.seed + rank, tc.length_grouping)
+        plan = BatchPlan(train.lengths, -(-tc.batch_size // world), 1, 0, tc.seed + rank, tc.length_grouping)
     else:
-        plan = _BatchPlan(train.lengths, tc.batch_size, world, rank, tc.seed, tc.length_grouping)
+        plan = BatchPlan(train.lengths, tc.batch_size, world, rank, tc.seed, tc.length_grouping)
     pad_id = tok.pad_token_id
 
     bar = _progress(progress and rank == 0, tc.steps, state["step"])
@@ -197,7 +203,7 @@ def run(
             patience = tc.early_stopping_patience
             if patience is not None and state["bad_evals"] >= patience:
                 state["stopped_early"] = True  # in the checkpoint, so resuming it does not train on
-            ckpt_dir = _save_checkpoint(ckpt, prompt, optimizer, scheduler, state, best_embeds) if rank == 0 else None
+            ckpt_dir = checkpoint.save(ckpt, prompt, optimizer, scheduler, state, best_embeds) if rank == 0 else None
             if hooks:
                 hooks.report({"step": step, "train_loss": loss_sum, **record, "best_metric": state["best_metric"]}, ckpt_dir)
             if bar is not None:
@@ -206,17 +212,17 @@ def run(
                 stopped_early = True
                 break
         elif tc.checkpoint_every and step % tc.checkpoint_every == 0 and rank == 0:
-            _save_checkpoint(ckpt, prompt, optimizer, scheduler, state, best_embeds)
+            checkpoint.save(ckpt, prompt, optimizer, scheduler, state, best_embeds)
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
     if rank == 0:
-        _save_checkpoint(ckpt, prompt, optimizer, scheduler, state, best_embeds)
+        checkpoint.save(ckpt, prompt, optimizer, scheduler, state, best_embeds)
     final = best_embeds if (tc.keep_best and best_embeds is not None) else prompt.embeddings().detach()
-    adapter_dir = out / ADAPTER_DIR
+    adapter_dir = out / checkpoint.ADAPTER_DIR
     if rank == 0:
-        write_adapter(prompt, final, adapter_dir)
-        (out / "train_history.json").write_text(json.dumps(state["history"], indent=1))
+        checkpoint.write_adapter(prompt, final, adapter_dir)
+        (out / checkpoint.HISTORY_FILE).write_text(json.dumps(state["history"], indent=1))
     if hooks and eval_rows is None:
         hooks.report({"step": state["step"], "train_loss": loss_sum}, ckpt if rank == 0 else None)
     return TrainResult(
@@ -232,32 +238,6 @@ def run(
         peak_rss_mb=peak_rss_mb(),
         peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     )
-
-
-def export_checkpoint(cfg: JobConfig, loaded: LoadedModel, checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
-    """Write what `run` leaves in `output_dir` from a checkpoint folder alone: `adapter/` (the best
-    evaluated prompt with `train.keep_best`, else the latest) and `train_history.json`.
-
-    Used where the checkpoint is all there is: a distributed run's storage, or a trial that Ray Tune
-    stopped early. `cfg` must be the configuration the checkpoint was trained with.
-
-    Returns:
-        The adapter folder.
-    """
-    from safetensors.torch import load_file
-
-    ckpt, out = Path(checkpoint_dir), Path(output_dir)
-    tensors = load_file(str(ckpt / "state.safetensors"))
-    meta = json.loads((ckpt / "state.json").read_text())
-    prompt = prompts_mod.create(cfg.prompt, cfg.task, loaded.model, loaded.tokenizer, seed=cfg.train.seed)
-    device = prompt.module.embedding.weight.device
-    prompt.module.load_state_dict({k[len("prompt.") :]: v.to(device) for k, v in tensors.items() if k.startswith("prompt.")})
-    best = tensors.get("best_embeds")
-    final = best.to(device) if (cfg.train.keep_best and best is not None) else prompt.embeddings().detach()
-    out.mkdir(parents=True, exist_ok=True)
-    write_adapter(prompt, final, out / ADAPTER_DIR)
-    (out / "train_history.json").write_text(json.dumps(meta.get("history", []), indent=1))
-    return out / ADAPTER_DIR
 
 
 def evaluate_embeddings(
@@ -298,23 +278,6 @@ def evaluate_embeddings(
     return {"accuracy": m.accuracy, "macro_f1": m.macro_f1}
 
 
-def write_adapter(prompt: prompts_mod.SoftPrompt, embeds: torch.Tensor, out_dir: Path) -> Path:
-    """Write `embeds` as PEFT adapter files (the saved form of both prompt tuning and P-tuning)."""
-    if prompt.peft_model.peft_config[prompt.peft_model.active_adapter].peft_type.value == "PROMPT_TUNING":
-        with torch.no_grad():
-            saved = prompt.module.embedding.weight.detach().clone()
-            prompt.module.embedding.weight.copy_(embeds)
-            prompt.save(out_dir)
-            prompt.module.embedding.weight.copy_(saved)
-        return out_dir
-    # P-tuning: PEFT saves the encoder's output; write the chosen (best) output in its place.
-    from safetensors.torch import save_file
-
-    prompt.save(out_dir)
-    save_file({"prompt_embeddings": embeds.detach().float().cpu().contiguous()}, str(out_dir / prompts_mod.ADAPTER_WEIGHTS))
-    return out_dir
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process, in MiB."""
     import resource
@@ -334,40 +297,6 @@ def _loss(model: Any, prefix: Prefix, data: Split, idx: list[int], verbalizer: V
     scores = label_scores(model, prefix, seqs, verbalizer, pad_id)
     target = torch.as_tensor([data.label_ids[i] for i in idx], device=scores.device)
     return F.cross_entropy(scores, target)
-
-
-class _BatchPlan:
-    """Deterministic batches: epoch e's order depends only on (seed, e), so a resumed run sees the
-    same batches as an uninterrupted one without saving sampler state.
-
-    Length grouping: shuffle, sort within windows of 50 batches by length, cut into batches, then
-    shuffle the batches (similar lengths together, random order of batches).
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, world: int, rank: int, seed: int, grouped: bool) -> None:
-        if len(lengths) < batch_size:
-            batch_size = len(lengths)
-        self.lengths, self.bs, self.world, self.rank, self.seed, self.grouped = lengths, batch_size, world, rank, seed, grouped
-        self.per_epoch = max(1, len(lengths) // batch_size)
-        self._cache: dict[int, list[list[int]]] = {}
-
-    def batch(self, k: int) -> list[int]:
-        epoch, i = divmod(k, self.per_epoch)
-        if epoch not in self._cache:
-            self._cache = {epoch: self._epoch(epoch)}
-        full = self._cache[epoch][i]
-        return full[self.rank :: self.world] or full[:1]
-
-    def _epoch(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        if self.grouped:
-            window = self.bs * 50
-            order = [j for c in range(0, len(order), window) for j in sorted(order[c : c + window], key=lambda t: self.lengths[t])]
-        batches = [order[s : s + self.bs] for s in range(0, self.per_epoch * self.bs, self.bs)]
-        rng.shuffle(batches)
-        return batches
 
 
 def _lr_lambda(warmup: int, total: int, schedule: str) -> Any:
@@ -405,97 +334,3 @@ def _progress(enabled: bool, total: int, initial: int) -> Any:
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _run_fingerprint(cfg: JobConfig, loaded: LoadedModel, train: Split, eval_split: Split | None, hooks: TrainHooks | None) -> dict[str, str]:
-    """Hashes of what shapes the trained prompt: task, prompt, train settings, base model and data."""
-    import hashlib
-
-    tr = {k: v for k, v in to_dict(cfg.train).items() if k not in ("log_every", "checkpoint_every")}
-    parts: dict[str, Any] = {
-        "task": to_dict(cfg.task),
-        "prompt": to_dict(cfg.prompt),
-        "train": tr,
-        "model": loaded.identity.get("weights_sha256") or loaded.identity.get("source") or cfg.model.name,
-    }
-    if not (hooks is not None and hooks.presharded):  # a worker's shard may differ between restarts
-        parts["data"] = [[s.input_ids, s.label_ids, s.target_ids] for s in (train, eval_split) if s is not None]
-    return {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16] for k, v in parts.items()}
-
-
-def _check_resumable(ckpt: Path, fingerprint: dict[str, str]) -> None:
-    """Refuse to resume a checkpoint of another run: the result would be published under this run's
-    config while holding (part of) the other run's prompt."""
-    saved = json.loads((ckpt / "state.json").read_text()).get("fingerprint")
-    if saved is None:  # written before fingerprints were recorded
-        return
-    changed = sorted(k for k in fingerprint.keys() | saved.keys() if fingerprint.get(k) != saved.get(k))
-    if changed:
-        raise ConfigError(
-            f"{ckpt} was written by a run with a different {', '.join(changed)}; resuming it would mix two runs. "
-            "Use another run_name (or --run-dir), delete that checkpoint, or pass --no-resume to `softprompt train`"
-        )
-
-
-def _save_checkpoint(
-    ckpt: Path, prompt: prompts_mod.SoftPrompt, optimizer: Any, scheduler: Any, state: dict[str, Any], best: torch.Tensor | None
-) -> Path:
-    """Prompt, optimizer, scheduler, step and RNG as safetensors + JSON (never pickle), written atomically."""
-    from safetensors.torch import save_file
-
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tensors = {f"prompt.{k}": v.detach().cpu().contiguous() for k, v in prompt.module.state_dict().items()}
-    opt_state = optimizer.state_dict()
-    for pid, st in opt_state["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    if best is not None:
-        tensors["best_embeds"] = best.detach().float().cpu().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "state.safetensors"))
-    meta = {
-        **state,
-        "param_groups": opt_state["param_groups"],
-        "scheduler": scheduler.state_dict(),
-        "rng_python": list(random.getstate()[1]),
-    }
-    meta["scheduler"].pop("lr_lambdas", None)
-    (tmp / "state.json").write_text(json.dumps(meta, default=_json_default))
-    if ckpt.exists():
-        import shutil
-
-        shutil.rmtree(ckpt)
-    tmp.replace(ckpt)
-    return ckpt
-
-
-def _load_checkpoint(ckpt: Path, prompt: prompts_mod.SoftPrompt, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], torch.Tensor | None]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(ckpt / "state.safetensors"))
-    meta = json.loads((ckpt / "state.json").read_text())
-    device = prompt.module.embedding.weight.device
-    prompt.module.load_state_dict({k[len("prompt.") :]: v for k, v in tensors.items() if k.startswith("prompt.")})
-    opt_state: dict[str, Any] = {"state": {}, "param_groups": meta.pop("param_groups")}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(pid), {})[name] = v if name == "step" else v.to(device)
-    optimizer.load_state_dict(opt_state)
-    sched = meta.pop("scheduler")
-    scheduler.last_epoch = sched["last_epoch"]
-    scheduler._step_count = sched.get("_step_count", sched["last_epoch"] + 1)
-    scheduler.base_lrs = sched["base_lrs"]
-    scheduler._last_lr = sched["_last_lr"]
-    torch.set_rng_state(tensors["rng.torch"])
-    rng_py = meta.pop("rng_python")
-    random.setstate((3, tuple(rng_py), None))
-    best = tensors.get("best_embeds")
-    return meta, (best.to(device) if best is not None else None)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(f"cannot serialize {type(o).__name__}")

@@ -71,7 +71,7 @@ def ray_session(s3_endpoint: str) -> Iterator[dict[str, str]]:
     import ray
 
     from softprompt.config import RayConfig
-    from softprompt.ray.jobs import init_ray
+    from softprompt.ray.cluster import init_ray
 
     init_ray(RayConfig(num_cpus=5, dashboard=True))
     try:

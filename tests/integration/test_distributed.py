@@ -39,7 +39,7 @@ def s3_run(tiny_task: TinyTask, ray_session: dict[str, str], s3_endpoint: str, t
     s3.create_bucket(Bucket=bucket)
     for split in ("train", "eval"):
         s3.upload_file(str(tiny_task.data_dir / f"{split}.parquet"), bucket, f"data/{split}.parquet")
-    cfg = tiny_task.config(*RUN, f"ray.storage_path=s3://{bucket}/ray", f"ray.storage_endpoint_url={s3_endpoint}")
+    cfg = tiny_task.config(*RUN, f"ray.storage_path=s3://{bucket}/ray", f"s3.endpoint={s3_endpoint}")
     run_dir = tmp_path_factory.mktemp("s3-run") / "run"
     result = distributed.fit(cfg, f"s3://{bucket}/data", run_dir)
     return {"cfg": cfg, "result": result, "s3": s3, "bucket": bucket, "run_dir": run_dir}

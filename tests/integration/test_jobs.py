@@ -92,7 +92,7 @@ class _RayHead:
         # The job's entrypoint is `softprompt ...`: this environment's scripts must come first on PATH.
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
         env.pop("RAY_ADDRESS", None)
-        # As softprompt.jobs.init_ray does for a local Ray: Ray Train's placement-group cleaner must find
+        # As softprompt.ray.cluster.init_ray does for a local Ray: Ray Train's placement-group cleaner must find
         # this cluster's dashboard, not the session's.
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
         with self.log_path.open("w") as log:
@@ -129,7 +129,7 @@ def test_run_submitted_as_a_ray_job_and_a_retry_reattaches(
     argv = [
         "run", "--no-progress", *tiny_task.overrides,
         "tune.num_samples=1", "ray.num_workers=1", "tune.top_k_ensemble=1",
-        f"workdir={tmp_path / 'runs'}", "run_name=job", f"publish.store={tmp_path / 'registry'}",
+        f"workdir={tmp_path / 'runs'}", "run_name=job", f"publish.registry={tmp_path / 'registry'}",
         "--submit", ray_head,
     ]
 
@@ -161,7 +161,7 @@ def test_the_pipeline_tune_step_runs_on_a_ray_cluster_through_the_jobs_api(
 
     config = tmp_path / "tune.yaml"
     steps.write_config(tiny_task.config("tune.num_samples=2", "tune.scheduler=none", "tune.top_k_ensemble=2", "ray.num_workers=1",
-                                        f"publish.store={tmp_path / 'registry'}"), config)
+                                        f"publish.registry={tmp_path / 'registry'}"), config)
     args = dict(launcher="ray-jobs", ray_address=ray_head, run_id="run-42", scratch_uri=str(tmp_path / "scratch"))
     out = steps.tune(config, tiny_task.data_dir, tmp_path / "winners", **args)
 

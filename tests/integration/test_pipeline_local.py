@@ -78,7 +78,7 @@ def test_local_pipeline_end_to_end(demo_config: Path, tmp_path: Path, capsys: py
     assert sorted(p.name for p in run_dir.iterdir() if p.name != "promote") == ["evaluate", "ingest", "publish", "tune", "validate"]
 
     resolved = load_config(run_dir / "validate" / "config")  # the one config every step read
-    assert resolved.publish.store == str(registry) and resolved.model.name == load_config(demo_config).model.name
+    assert resolved.publish.registry == str(registry) and resolved.model.name == load_config(demo_config).model.name
 
     dataset = _artifact(run_dir, "ingest", "dataset")
     assert {"train.parquet", "eval.parquet", "test.parquet", "dataset_manifest.json"} <= {p.name for p in Path(dataset["uri"]).iterdir()}

@@ -53,7 +53,7 @@ def _overrides(tiny_dir: Path, work: Path) -> list[str]:
         "train.eval_every=3",
         "train.eval_max_rows=35",
         f"workdir={work}",
-        f"publish.store={work / 'registry'}",
+        f"publish.registry={work / 'registry'}",
         "run_name=e2e",
     ]
 

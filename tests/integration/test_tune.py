@@ -167,7 +167,7 @@ def test_asha_promote_pauses_at_rungs_promotes_from_checkpoints_and_survives_a_d
 def test_a_run_that_cannot_fit_the_local_ray_is_refused_with_the_settings_to_change(ray_session: dict[str, str]) -> None:
     from softprompt.config import RayConfig
     from softprompt.errors import SoftpromptError
-    from softprompt.ray.jobs import check_fits
+    from softprompt.ray.cluster import check_fits
 
     check_fits(RayConfig(num_workers=2, cpus_per_worker=2.0), tuning=True)  # 4.01 of 5 CPUs
     with pytest.raises(SoftpromptError) as err:

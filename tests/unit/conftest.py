@@ -59,7 +59,7 @@ def small_overrides(model_dir: Path, workdir: Path) -> list[str]:
         "train.log_every=1",
         "evaluate.batch_size=16",
         f"workdir={workdir}",
-        f"publish.store={workdir / 'registry'}",
+        f"publish.registry={workdir / 'registry'}",
         "run_name=test",
     ]
 

@@ -16,6 +16,7 @@ from softprompt import dataset as ds
 from softprompt import evaluate, ingest, train
 from softprompt.config import JobConfig, replace, to_dict
 from softprompt.modeling import LoadedModel, weights_sha256
+from softprompt.outcome import TrainOutcome
 from softprompt.scoring import calibration_offsets, choose_demonstrations, shared_prefix, text_embeds
 from softprompt.tasks import build_verbalizer
 
@@ -27,11 +28,16 @@ def _adapter(cfg: JobConfig, loaded: LoadedModel, data_dir: Path, out: Path, see
     return train.run(replace(cfg, [f"train.seed={seed}"]), loaded, ds.read_split(data_dir, "train"), None, out).adapter_dir
 
 
+def _outcome(cfg: JobConfig, *adapters: Path, history: list[dict[str, float]] | None = None, summary: dict[str, int] | None = None) -> TrainOutcome:
+    """What a trainer would hand evaluate: these adapters, best first, trained with `cfg`."""
+    return TrainOutcome("in-process", adapters[0].parent, tuple(adapters), cfg, list(history or []), dict(summary or {"steps": 2}))
+
+
 @pytest.fixture()
 def evaluated(tiny: LoadedModel, demo_cfg: DemoCfg, demo_data: Path, tmp_path: Path) -> tuple[JobConfig, evaluate.EvaluateResult]:
     cfg = demo_cfg("train.steps=2", "train.eval_every=0")
     adapter = _adapter(cfg, tiny, demo_data, tmp_path / "train")
-    result = evaluate.run(cfg, tiny, demo_data, [adapter], tmp_path / "artifact", history=[{"step": 1, "train_loss": 1.0}], train_summary={"steps": 2})
+    result = evaluate.run(cfg, tiny, demo_data, _outcome(cfg, adapter, history=[{"step": 1, "train_loss": 1.0}]), tmp_path / "artifact")
     return cfg, result
 
 
@@ -99,8 +105,8 @@ def test_calibration_changes_scores(tiny: LoadedModel, demo_cfg: DemoCfg, demo_d
     assert float(np.ptp(offsets)) > 1e-4  # not a constant shift: calibrated predictions can differ
 
     adapter = _adapter(cfg, tiny, demo_data, tmp_path / "train")
-    on = evaluate.run(cfg, tiny, demo_data, [adapter], tmp_path / "on")
-    off = evaluate.run(demo_cfg("evaluate.baselines=[few_shot]", "evaluate.calibrate=false"), tiny, demo_data, [adapter], tmp_path / "off")
+    on = evaluate.run(cfg, tiny, demo_data, _outcome(cfg, adapter), tmp_path / "on")
+    off = evaluate.run(demo_cfg("evaluate.baselines=[few_shot]", "evaluate.calibrate=false"), tiny, demo_data, _outcome(cfg, adapter), tmp_path / "off")
     assert on.metrics["few_shot"] != off.metrics["few_shot"]
     assert on.metrics["tuned"] == off.metrics["tuned"]
     assert "zero_shot" not in on.metrics
@@ -122,7 +128,7 @@ def test_slices_are_reported_when_the_data_has_a_slice_column(tiny: LoadedModel,
     cfg = demo_cfg(f"data.train={_with_slices(tmp_path)}", "data.test=null", "data.slice_column=channel", "evaluate.baselines=[zero_shot]", "train.steps=2", "train.eval_every=0")
     data_dir = ingest.run(cfg, tmp_path / "data", tokenizer=tiny.tokenizer).output_dir
     adapter = _adapter(cfg, tiny, data_dir, tmp_path / "train")
-    result = evaluate.run(cfg, tiny, data_dir, [adapter], tmp_path / "artifact")
+    result = evaluate.run(cfg, tiny, data_dir, _outcome(cfg, adapter), tmp_path / "artifact")
     assert result.split == "eval"  # no test file: the eval split is reported
     for method in ("tuned", "zero_shot"):
         m = result.metrics[method]
@@ -139,7 +145,7 @@ def test_an_ensemble_of_two_adapters_is_scored(tiny: LoadedModel, demo_cfg: Demo
     cfg = demo_cfg("train.steps=2", "train.eval_every=0", "evaluate.baselines=[]")
     a = _adapter(cfg, tiny, demo_data, tmp_path / "a")
     b = _adapter(cfg, tiny, demo_data, tmp_path / "b", seed=1)
-    result = evaluate.run(cfg, tiny, demo_data, [a, b], tmp_path / "artifact")
+    result = evaluate.run(cfg, tiny, demo_data, _outcome(cfg, a, b), tmp_path / "artifact")
     assert set(result.results) == {"tuned", "ensemble"}
     assert result.metrics["winner"] in ("tuned", "ensemble")
     assert result.metrics["tuned"]["method"] == result.metrics["winner"]
@@ -171,7 +177,7 @@ def test_predict_serves_a_winning_ensemble_as_the_mean_of_its_members(
     cfg = demo_cfg("train.steps=2", "train.eval_every=0", "evaluate.baselines=[]")
     a = _adapter(cfg, tiny, demo_data, tmp_path / "a")
     b = _adapter(cfg, tiny, demo_data, tmp_path / "b", seed=1)
-    result = evaluate.run(cfg, tiny, demo_data, [a, b], tmp_path / "artifact")
+    result = evaluate.run(cfg, tiny, demo_data, _outcome(cfg, a, b), tmp_path / "artifact")
     # Force the ensemble path whatever the tiny model scored, to test serving it.
     metrics = json.loads((result.artifact_dir / "metrics.json").read_text())
     metrics["winner"] = "ensemble"

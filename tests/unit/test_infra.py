@@ -25,7 +25,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from softprompt.kubeflow import cli as kfp_cli
-from softprompt.kubeflow import remote
+from softprompt.kubeflow import scratch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA = REPO_ROOT / "infra"
@@ -285,8 +285,8 @@ def test_minio_policy_is_least_privilege() -> None:
     }
     assert {s["Effect"] for s in policy["Statement"]} == {"Allow"}
     assert not any("Condition" in s or "NotAction" in s or "NotResource" in s for s in policy["Statement"])
-    scratch = remote.default_scratch(f"s3://{BUCKET}/registry", "softprompt-tune-x")
-    assert scratch.startswith(f"s3://{BUCKET}/tmp/"), f"the tune step's scratch {scratch} is outside tmp/: deletes there are refused"
+    where = scratch.default_scratch(f"s3://{BUCKET}/registry", "softprompt-tune-x")
+    assert where.startswith(f"s3://{BUCKET}/tmp/"), f"the tune step's scratch {where} is outside tmp/: deletes there are refused"
     assert _tmp_prefix_expires(), "the tmp/ prefix where deletes are allowed must expire by lifecycle rule"
 
 

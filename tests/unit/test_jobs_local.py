@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from softprompt.config import RayConfig
-from softprompt.ray.jobs import local_num_cpus
+from softprompt.ray.cluster import local_num_cpus
 
 
 def test_a_local_ray_gets_every_core_plus_one_for_the_processes_that_only_wait() -> None:

@@ -155,7 +155,7 @@ def test_submit_uploads_a_new_version_and_starts_a_run(kfp_api: tuple[str, FakeK
     host, fake = kfp_api
     code = main(["pipeline", "submit", "--host", host, "--token", "secret-token", "--config", "s3://bucket/configs/nightly.yaml",
                  "--registry", "s3://bucket/registry", "--param", "num_workers=2", "--param", "gpus_per_worker=1",
-                 "--override", "train.steps=50", "--experiment", "nightly", "--run-name", "nightly test"])
+                 "train.steps=50", "--experiment", "nightly", "--run-name", "nightly test"])
     assert code == 0
     assert fake.calls() == [
         ("GET", f"{API}/pipelines"), ("POST", f"{API}/pipelines"), ("POST", f"{API}/pipelines/upload_version"),

@@ -1,17 +1,18 @@
 """What the KFP components run (`softprompt.kubeflow.steps`), without kfp: the validate step's
-resolved config, parameter and resource overrides, metric scalars, config fetching from S3."""
+resolved config, parameter and resource overrides, metric scalars, config fetching from S3, and
+the tune step's output contract."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import boto3
 import pytest
 import yaml
 
-from softprompt.config import load_config, to_dict
-from softprompt.kubeflow import remote, steps
+from softprompt.config import JobConfig, load_config, to_dict, with_values
+from softprompt.kubeflow import scratch, steps
+from softprompt.outcome import TrainOutcome
 
 DEMO = Path(steps.__file__).resolve().parents[1] / "demo"
 
@@ -36,21 +37,20 @@ def test_validate_writes_the_resolved_config(tmp_path: Path, capsys: pytest.Capt
                           registry="s3://bucket/registry", s3_endpoint="http://minio:9000", overrides=["train.steps=50"])
     resolved = load_config(out)
     assert resolved == load_config(source, [
-        "model.name=HuggingFaceTB/SmolLM2-135M", f"data.test={DEMO / 'test.csv'}", "publish.store=s3://bucket/registry",
-        "data.s3_endpoint_url=http://minio:9000", "model.s3_endpoint_url=http://minio:9000",
-        "publish.s3_endpoint_url=http://minio:9000", "train.steps=50"])
+        "model.name=HuggingFaceTB/SmolLM2-135M", f"data.test={DEMO / 'test.csv'}", "publish.registry=s3://bucket/registry",
+        "s3.endpoint=http://minio:9000", "train.steps=50"])
     assert resolved.train.steps == 50 and resolved.evaluate.baselines == ["zero_shot"]
     assert meta == {"source": str(source), "task": "demo", "base_model": "HuggingFaceTB/SmolLM2-135M",
                     "registry": "s3://bucket/registry", "primary_metric": "accuracy"}
-    assert "+ softprompt validate -c" in capsys.readouterr().out
+    assert f"ok: {source} is valid" in capsys.readouterr().out
 
 
-def test_validate_fails_with_the_cli_error(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_validate_names_every_unusable_data_source(tmp_path: Path) -> None:
     source = _config(tmp_path)
-    with pytest.raises(steps.StepError, match=r"`softprompt validate` exited with 2"):
+    with pytest.raises(steps.StepError, match=r"missing\.csv does not exist"):
         steps.validate(str(source), tmp_path / "config", train_data_uri=str(tmp_path / "missing.csv"))
-    assert "missing.csv does not exist" in capfd.readouterr().err  # the CLI's own message, in the step log
-    with pytest.raises(steps.StepError, match="does not exist"):
+    assert not (tmp_path / "config").exists()
+    with pytest.raises(steps.StepError, match=r"nope\.yaml does not exist"):
         steps.validate(str(tmp_path / "nope.yaml"), tmp_path / "config")
 
 
@@ -58,12 +58,12 @@ def test_validate_reads_the_config_from_s3(tmp_path: Path, s3_endpoint: str, s3_
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").upload_file(
         str(_config(tmp_path)), s3_bucket, "configs/nightly.yaml")  # as `aws s3 cp` would: no softprompt checksum
     steps.validate(f"s3://{s3_bucket}/configs/nightly.yaml", tmp_path / "config", s3_endpoint=s3_endpoint)
-    assert load_config(tmp_path / "config").publish.s3_endpoint_url == s3_endpoint
+    assert load_config(tmp_path / "config").s3.endpoint == s3_endpoint
 
 
 def test_parameter_overrides_keep_values_as_text() -> None:
     assert steps.parameter_overrides() == []
-    assert steps.parameter_overrides(base_model="1e3", registry="null") == ['model.name="1e3"', 'publish.store="null"']
+    assert steps.parameter_overrides(base_model="1e3", registry="null") == ['model.name="1e3"', 'publish.registry="null"']
     cfg = load_config(None, ["data.train=x.csv", "task.labels=[a, b]", "task.verbalizer={a: [' a'], b: [' b']}",
                              *steps.parameter_overrides(base_model="1e3")])
     assert cfg.model.name == "1e3"
@@ -95,9 +95,9 @@ def test_metric_scalars() -> None:
 
 
 def test_default_scratch_is_the_registry_buckets_tmp(tmp_path: Path) -> None:
-    assert remote.default_scratch("s3://softprompt-registry/registry", "softprompt-tune-abc") == \
+    assert scratch.default_scratch("s3://softprompt-registry/registry", "softprompt-tune-abc") == \
         "s3://softprompt-registry/tmp/softprompt/softprompt-tune-abc"
-    assert remote.default_scratch(str(tmp_path / "reg"), "n").endswith("softprompt-scratch/n")
+    assert scratch.default_scratch(str(tmp_path / "reg"), "n").endswith("softprompt-scratch/n")
 
 
 def test_unknown_launcher(tmp_path: Path) -> None:
@@ -105,33 +105,40 @@ def test_unknown_launcher(tmp_path: Path) -> None:
         steps.tune(_config(tmp_path), tmp_path, tmp_path / "out", launcher="k8s")
 
 
-def test_local_tune_runs_softprompt_tune(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """launcher=local: `softprompt tune` with no Ray address; the resource parameters reach the
-    config it reads, and the winning trial's values the config evaluate reads."""
+def test_local_tune_leaves_the_trainers_output_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """launcher=local: the Ray layer's sweep on this machine (faked here; the pipeline integration
+    tests run it for real); the resource parameters reach its config, and its output folder (winners
+    and train_result.json) is the step's output."""
+    from softprompt.ray import trainers
+
     seen: dict[str, object] = {}
 
-    def fake_cli(args: list[str], *, capture: bool = False) -> str:
-        run_dir = Path(args[args.index("--run-dir") + 1])
-        seen.update(command=list(args), ray=load_config(args[args.index("-c") + 1]).ray, data=sorted(p.name for p in (run_dir / "data").iterdir()))
-        trial = run_dir / "tune" / "t1"
-        (trial / "adapter").mkdir(parents=True)
-        (trial / "adapter" / "adapter_model.safetensors").write_bytes(b"w")
-        (trial / "train_history.json").write_text('[{"step": 4, "eval_metric": 0.5}]')
-        (run_dir / "tune" / "tune_result.json").write_text(
-            json.dumps({"ensemble": [str(trial / "adapter")], "best": {"trial_id": "t1", "params": {"train.lr": 0.2}}}))
-        return ""
+    class FakeSweep:
+        def __init__(self, address: str | None = None, **_: object) -> None:
+            seen["address"] = address
 
-    monkeypatch.setattr(steps, "run_cli", fake_cli)
+        def train(self, cfg: JobConfig, data: Path, run_dir: Path, models: object) -> TrainOutcome:
+            seen.update(ray=cfg.ray, data=sorted(p.name for p in Path(data).iterdir()))
+            adapter = run_dir / "train" / "winners" / "00" / "adapter"
+            adapter.mkdir(parents=True)
+            (adapter / "adapter_config.json").write_text("{}")
+            outcome = TrainOutcome("ray-tune", run_dir / "train", (adapter,), with_values(cfg, {"train.lr": 0.2}),
+                                   [{"step": 4, "eval_metric": 0.5}], {"steps": 4, "best_eval_metric": 0.5,
+                                                                       "tune": {"best": {"trial_id": "t1", "params": {"train.lr": 0.2}}}})
+            outcome.write()
+            return outcome
+
+    monkeypatch.setattr(trainers, "RayTuneTrainer", FakeSweep)
     dataset = tmp_path / "dataset"
     dataset.mkdir()
     (dataset / "train.parquet").write_bytes(b"PAR1")
     out = tmp_path / "winners"
     meta = steps.tune(_config(tmp_path), dataset, out, num_workers=3, gpus_per_worker=0, cpus_per_worker=2)
-    command = seen["command"]
-    assert isinstance(command, list) and command[:2] == ["tune", "-c"] and "--ray-address" not in command
     ray = seen["ray"]
+    assert seen["address"] is None  # a local Ray
     assert (ray.num_workers, ray.use_gpu, ray.cpus_per_worker) == (3, False, 2.0)  # type: ignore[attr-defined]
     assert seen["data"] == ["train.parquet"]
-    assert steps.ranked_adapters(out) == [out / "00" / "adapter"]
-    assert meta["command"] == "tune" and meta["best_trial"] == "t1" and meta["best_eval_metric"] == 0.5
-    assert load_config(out / "config.yaml").train.lr == 0.2
+    outcome = TrainOutcome.read(out)
+    assert outcome.winners == (out / "winners" / "00" / "adapter",) and outcome.config.train.lr == 0.2
+    assert meta == {"launcher": "local", "trainer": "ray-tune", "winners": 1, "best_trial": "t1", "best_params": {"train.lr": 0.2},
+                    "best_eval_metric": 0.5, "steps": 4}

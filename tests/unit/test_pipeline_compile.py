@@ -53,8 +53,8 @@ def test_tasks_display_names_and_edges(compiled: tuple[Path, dict[str, Any]]) ->
                   for k, v in t.get("inputs", {}).get("artifacts", {}).items()} for name, t in tasks.items()}
     assert art["ingest"] == {"config": ("validate", "config")}
     assert art["tune"] == {"config": ("validate", "config"), "dataset": ("ingest", "dataset")}
-    assert art["evaluate"] == {"config": ("validate", "config"), "dataset": ("ingest", "dataset"), "adapter": ("tune", "adapter")}
-    assert art["publish"] == {"config": ("validate", "config"), "candidate": ("evaluate", "candidate")}
+    assert art["evaluate"] == {"config": ("validate", "config"), "dataset": ("ingest", "dataset"), "winners": ("tune", "winners")}
+    assert art["publish"] == {"config": ("validate", "config"), "artifact": ("evaluate", "artifact")}
 
 
 def test_promotion_is_gated_on_the_evaluation(compiled: tuple[Path, dict[str, Any]]) -> None:
@@ -100,8 +100,8 @@ def test_artifact_types(compiled: tuple[Path, dict[str, Any]]) -> None:
 
     assert outputs("comp-validate") == {"config": "system.Artifact"}
     assert outputs("comp-ingest") == {"dataset": "system.Dataset"}
-    assert outputs("comp-tune") == {"adapter": "system.Model"}
-    assert outputs("comp-evaluate") == {"candidate": "system.Model", "metrics": "system.Metrics",
+    assert outputs("comp-tune") == {"winners": "system.Model"}
+    assert outputs("comp-evaluate") == {"artifact": "system.Model", "metrics": "system.Metrics",
                                         "confusion": "system.ClassificationMetrics", "report": "system.HTML"}
     assert outputs("comp-importer") == {"artifact": "system.Model"}
     importer = spec["deploymentSpec"]["executors"]["exec-importer"]["importer"]

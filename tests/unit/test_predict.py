@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from softprompt import predict, prompts, train
+from softprompt import checkpoint, predict, prompts
 from softprompt.cli import main
 from softprompt.config import JobConfig, config_from_dict, to_dict
 from softprompt.engine import Prefix, greedy_generate, label_scores
@@ -66,7 +66,7 @@ def _artifact(loaded: LoadedModel, cfg: JobConfig, out: Path, seed: int) -> Path
     prompt = prompts.create(cfg.prompt, cfg.task, loaded.model, loaded.tokenizer, seed=seed)
     g = torch.Generator().manual_seed(seed)
     embeds = prompt.embeddings().detach() + 0.1 * torch.randn(cfg.prompt.num_virtual_tokens, loaded.model.config.hidden_size, generator=g)
-    train.write_adapter(prompt, embeds, out)
+    checkpoint.write_adapter(prompt, embeds, out)
     (out / "run_manifest.json").write_text(json.dumps({"config": to_dict(cfg)}))
     return out
 

@@ -25,8 +25,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import yaml
 
-from softprompt.config import load_config
-from softprompt.kubeflow import rayjob, remote, steps
+from softprompt.config import JobConfig, load_config, with_values
+from softprompt.kubeflow import pods, rayjob, remote, steps
 from softprompt.kubeflow.rayjob import (
     RayLaunchError,
     WorkerResources,
@@ -35,6 +35,7 @@ from softprompt.kubeflow.rayjob import (
     run_ray_job,
     run_rayjob,
 )
+from softprompt.outcome import TrainOutcome
 
 REPO = Path(__file__).resolve().parents[2]
 NS = "softprompt-dev"
@@ -309,15 +310,30 @@ def _tiny_config(tmp_path: Path, registry: str) -> Path:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({
         "task": {"name": "demo", "labels": ["a", "b"], "verbalizer": {"a": [" a"], "b": [" b"]}},
-        "data": {"train": str(tmp_path / "train.csv")}, "publish": {"store": registry},
+        "data": {"train": str(tmp_path / "train.csv")}, "publish": {"registry": registry},
     }))
     (tmp_path / "train.csv").write_text("text,label\nx,a\ny,b\n")
     return cfg
 
 
+def _write_winners(out: Path, cfg: JobConfig, trials: list[str], params: dict[str, Any]) -> TrainOutcome:
+    """What RayTuneTrainer leaves in `<run_dir>/train`: ranked winners and train_result.json."""
+    adapters = []
+    for rank, trial in enumerate(trials):
+        folder = out / "winners" / f"{rank:02d}"
+        (folder / "adapter").mkdir(parents=True, exist_ok=True)
+        (folder / "adapter" / "adapter_config.json").write_text(json.dumps({"trial": trial}))
+        (folder / "train_history.json").write_text(json.dumps([{"step": 10, "eval_metric": 0.75}]))
+        adapters.append(folder / "adapter")
+    summary = {"steps": 10, "best_eval_metric": 0.75, "tune": {"best": {"trial_id": trials[0], "params": params}}}
+    outcome = TrainOutcome("ray-tune", out, tuple(adapters), with_values(cfg, params), [{"step": 10, "eval_metric": 0.75}], summary)
+    outcome.write()
+    return outcome
+
+
 def test_tune_step_hands_over_through_the_scratch_store(kube: tuple[Any, FakeKube], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """launcher=rayjob: config and data go to the scratch store, the RayJob runs the remote driver on
-    them, and the winner it leaves in <scratch>/train becomes the step's adapter output."""
+    them, and the winners it leaves in <scratch>/winners become the step's output."""
     api, fake = kube
     monkeypatch.setattr(rayjob, "_kube_api_client", lambda: api)
     monkeypatch.setattr(rayjob, "POLL_SECONDS", 0.0)
@@ -329,24 +345,19 @@ def test_tune_step_hands_over_through_the_scratch_store(kube: tuple[Any, FakeKub
 
     def remote_finishes(status: dict[str, Any]) -> None:  # what the driver on the Ray head leaves behind
         if status.get("jobStatus") == "SUCCEEDED":
-            winners = scratch / "winners"
-            (winners / "00" / "adapter").mkdir(parents=True, exist_ok=True)
-            (winners / "00" / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
-            (winners / "00" / "train_history.json").write_text(json.dumps([{"step": 10, "eval_metric": 0.75}]))
-            (winners / "ranking.json").write_text(json.dumps({"command": "tune", "adapters": ["00"], "tune": {
-                "best": {"trial_id": "t1", "params": {"train.lr": 0.1}}}}))
+            _write_winners(scratch / "winners", load_config(config), ["t1"], {"train.lr": 0.1})
 
     fake.statuses, fake.on_status = [RUNNING, SUCCEEDED], remote_finishes
-    out = tmp_path / "adapter_out"
+    out = tmp_path / "winners_out"
     meta = steps.tune(config, dataset, out, launcher="rayjob", run_id="run-42", ray_namespace=NS, scratch_uri=str(scratch),
                       num_workers=2, gpus_per_worker=1, cpus_per_worker=3, memory_per_worker="24Gi", max_hours=2)
-    assert (out / "00" / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
-    assert steps.ranked_adapters(out) == [out / "00" / "adapter"]
+    outcome = TrainOutcome.read(out)
+    assert outcome.winners == (out / "winners" / "00" / "adapter",) and outcome.config.train.lr == 0.1
     assert meta == {"launcher": "rayjob", "ray_job": job_name("run-42"), "ray_job_status": "SUCCEEDED", "scratch": str(scratch),
-                    "command": "tune", "adapters": 1, "best_trial": "t1", "best_params": {"train.lr": 0.1},
-                    "best_eval_metric": 0.75, "best_step": 10}
+                    "trainer": "ray-tune", "winners": 1, "best_trial": "t1", "best_params": {"train.lr": 0.1},
+                    "best_eval_metric": 0.75, "steps": 10}
     assert (scratch / "data" / "train.parquet").read_bytes() == b"PAR1"
-    sent = load_config(scratch / "config" / "tune.yaml").ray  # the step's resource parameters, baked in
+    sent = load_config(scratch / "config" / remote.CONFIG_FILE).ray  # the step's resource parameters, baked in
     assert (sent.num_workers, sent.use_gpu, sent.gpus_per_worker, sent.cpus_per_worker) == (2, True, 1.0, 3.0)
     body = fake.objects[job_name("run-42")]
     assert body["spec"]["entrypoint"] == f"python -m softprompt.kubeflow.remote --scratch {scratch}"
@@ -357,43 +368,36 @@ def test_tune_step_hands_over_through_the_scratch_store(kube: tuple[Any, FakeKub
 
 
 def test_remote_driver_pulls_tunes_and_pushes_the_winners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The driver side: config and data from the scratch store, `softprompt tune --ray-address
-    auto`, the ranked winners back without their checkpoints."""
+    """The driver side: config and data from the scratch store, a sweep on the cluster it runs in
+    (`auto`), the winners and train_result.json back. The sweep itself is faked here (the
+    integration test `test_jobs` runs this driver for real on `ray start --head`)."""
+    from softprompt.ray import trainers
+
     scratch = tmp_path / "scratch"
     config = _tiny_config(tmp_path, str(tmp_path / "registry"))
-    remote.push_file(steps.write_config(load_config(config), tmp_path / "tune.yaml"), str(scratch / "config"), None)
+    steps.write_config(load_config(config), scratch / "config" / remote.CONFIG_FILE)
     (scratch / "data").mkdir()
     (scratch / "data" / "train.parquet").write_bytes(b"PAR1")
-    commands: list[list[str]] = []
+    calls: list[str | None] = []
 
-    def fake_cli(args: list[str], *, capture: bool = False) -> str:
-        """Leave what `softprompt tune` leaves: two ranked trials."""
-        commands.append(list(args))
-        run_dir = Path(args[args.index("--run-dir") + 1])
-        assert (run_dir / "data" / "train.parquet").read_bytes() == b"PAR1"
-        trials = [run_dir / "tune" / "t2", run_dir / "tune" / "t1"]
-        for trial in trials:
-            for rel in ("adapter/adapter_config.json", "checkpoint/state.safetensors", "train_history.json"):
-                (trial / rel).parent.mkdir(parents=True, exist_ok=True)
-                (trial / rel).write_text(json.dumps({"trial": trial.name}))
-        (run_dir / "tune" / "tune_result.json").write_text(json.dumps({
-            "ensemble": [str(t / "adapter") for t in trials], "trials": [],
-            "best": {"trial_id": "t2", "params": {"train.lr": 0.05, "prompt.num_virtual_tokens": 8}}}))
-        return ""
+    class FakeSweep:
+        def __init__(self, address: str | None = None, **_: Any) -> None:
+            calls.append(address)
 
-    monkeypatch.setattr(steps, "run_cli", fake_cli)
+        def train(self, cfg: JobConfig, data: Path, run_dir: Path, models: Any) -> TrainOutcome:
+            assert (Path(data) / "train.parquet").read_bytes() == b"PAR1"
+            return _write_winners(run_dir / "train", cfg, ["t2", "t1"], {"train.lr": 0.05, "prompt.num_virtual_tokens": 8})
+
+    monkeypatch.setattr(trainers, "RayTuneTrainer", FakeSweep)
     assert remote.main(["--scratch", str(scratch)]) == 0
-    (command,) = commands
-    assert command[:2] == ["tune", "-c"] and command[2].endswith("tune.yaml")
-    assert command[-2:] == ["--ray-address", "auto"]
+    assert calls == ["auto"]
     winners = scratch / "winners"
     assert sorted(p.relative_to(winners).as_posix() for p in winners.rglob("*") if p.is_file()) == sorted(
-        [*(f"{n}/{f}" for n in ("00", "01") for f in ("adapter/adapter_config.json", "train_history.json")),
-         "ranking.json", "config.yaml"])
-    best = load_config(winners / "config.yaml")  # what evaluate runs with
-    # best first, as tune ranked them, and the winner's values
-    assert json.loads((winners / "00" / "adapter" / "adapter_config.json").read_text()) == {"trial": "t2"}
-    assert (best.train.lr, best.prompt.num_virtual_tokens) == (0.05, 8)
+        [*(f"winners/{n}/{f}" for n in ("00", "01") for f in ("adapter/adapter_config.json", "train_history.json")),
+         "train_result.json"])
+    outcome = TrainOutcome.read(winners)  # what evaluate runs with: best first, and the winner's values
+    assert json.loads((outcome.winners[0] / "adapter_config.json").read_text()) == {"trial": "t2"}
+    assert (outcome.config.train.lr, outcome.config.prompt.num_virtual_tokens) == (0.05, 8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,15 +484,15 @@ def test_steps_read_s3_credentials_from_the_secret_in_a_pod(kube: tuple[Any, Fak
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     api, fake = kube
     (tmp_path / "namespace").write_text(NS)
-    monkeypatch.setattr(steps, "_SA_DIR", tmp_path)
+    monkeypatch.setattr(pods, "SA_DIR", tmp_path)
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(key, "")  # restored after the test
-    steps.ensure_s3_credentials(api)
+    pods.ensure_s3_credentials(api)
     assert (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]) == ("pipeline", "s3cr3t")
     assert fake.requests[-1][:2] == ("GET", f"/api/v1/namespaces/{NS}/secrets/softprompt-s3")
     fake.requests.clear()
-    steps.ensure_s3_credentials(api)  # credentials present: no API call
+    pods.ensure_s3_credentials(api)  # credentials present: no API call
     assert fake.requests == []
 
 

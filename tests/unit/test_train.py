@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from softprompt import checkpoint, prompts, train
 from softprompt import dataset as ds
-from softprompt import prompts, train
+from softprompt.batching import BatchPlan
 from softprompt.config import DataConfig, JobConfig, config_from_dict
 from softprompt.dataset import Split
 from softprompt.engine import Prefix, label_scores
@@ -121,7 +122,7 @@ def test_resume_gives_the_same_prompt_as_an_uninterrupted_run(tiny_ctx: LoadedMo
     after = _StopAfter(99)
     resumed = train.run(cfg, tiny_ctx, data, rows, tmp_path / "resumed", hooks=after)
     assert [r["step"] for r in after.reports] == [6]  # it went on from step 4, not from the start
-    state = json.loads((resumed_dir := tmp_path / "resumed" / train.CHECKPOINT_DIR / "state.json").read_text())
+    state = json.loads((resumed_dir := tmp_path / "resumed" / checkpoint.CHECKPOINT_DIR / "state.json").read_text())
     assert state["resumed_at"] == [4], resumed_dir
 
     assert resumed.steps == whole.steps == 6
@@ -130,8 +131,8 @@ def test_resume_gives_the_same_prompt_as_an_uninterrupted_run(tiny_ctx: LoadedMo
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bitwise on CPU
-    ca = _tensors(whole.output_dir / train.CHECKPOINT_DIR / "state.safetensors")
-    cb = _tensors(resumed.output_dir / train.CHECKPOINT_DIR / "state.safetensors")
+    ca = _tensors(whole.output_dir / checkpoint.CHECKPOINT_DIR / "state.safetensors")
+    cb = _tensors(resumed.output_dir / checkpoint.CHECKPOINT_DIR / "state.safetensors")
     for key in ca:
         if not key.startswith("rng."):
             assert torch.equal(ca[key], cb[key]), key  # prompt module and optimizer state too
@@ -167,7 +168,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tiny: LoadedModel, tmp_path:
 def test_checkpoints_hold_only_safetensors_and_json(tiny: LoadedModel, tmp_path: Path) -> None:
     data, rows = synthetic(tiny.tokenizer, 16), synthetic(tiny.tokenizer, 8, seed=1)
     result = train.run(syn_cfg(steps=4, eval_every=2, checkpoint_every=1), tiny, data, rows, tmp_path)
-    ckpt = result.output_dir / train.CHECKPOINT_DIR
+    ckpt = result.output_dir / checkpoint.CHECKPOINT_DIR
     assert sorted(p.name for p in ckpt.iterdir()) == ["state.json", "state.safetensors"]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]  # no half-written checkpoint left
@@ -299,15 +300,15 @@ def test_length_grouping_batches_similar_lengths() -> None:
     lengths = [rng.randint(5, 200) for _ in range(400)]
 
     def spread(grouped: bool) -> float:
-        plan = train._BatchPlan(lengths, 8, 1, 0, seed=0, grouped=grouped)
+        plan = BatchPlan(lengths, 8, 1, 0, seed=0, grouped=grouped)
         batches = [plan.batch(k) for k in range(plan.per_epoch)]
         assert sorted(i for b in batches for i in b) == list(range(400))  # one epoch sees every row once
         return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
 
     assert spread(True) < 0.2 * spread(False)
     # Deterministic: a new plan (a resumed run) draws the same batches, epoch after epoch.
-    a = train._BatchPlan(lengths, 8, 1, 0, seed=3, grouped=True)
-    b = train._BatchPlan(lengths, 8, 1, 0, seed=3, grouped=True)
+    a = BatchPlan(lengths, 8, 1, 0, seed=3, grouped=True)
+    b = BatchPlan(lengths, 8, 1, 0, seed=3, grouped=True)
     assert [a.batch(k) for k in (0, 5, 60, 49)] == [b.batch(k) for k in (0, 5, 60, 49)]
     assert a.batch(0) != a.batch(50)  # the next epoch is reshuffled
 

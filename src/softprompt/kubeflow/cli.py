@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from softprompt import flags
 from softprompt.errors import SoftpromptError
 
 DEFAULT_OUTPUT = "softprompt_pipeline.yaml"
@@ -43,7 +44,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the whole pipeline on this machine (kfp local runner)")
     p.add_argument("--local", action="store_true", required=True, help="required: run with kfp's SubprocessRunner, no cluster")
     p.add_argument("-c", "--config", required=True, help="YAML config (path or s3:// URI)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides such as train.steps=20")
+    flags.add_overrides(p)
     p.add_argument("--pipeline-root", default="runs/kfp-local", help="where step outputs go (default runs/kfp-local)")
     _param_args(p, launcher_default="local")
     p.set_defaults(func=cmd_run)
@@ -54,7 +55,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         _client_args(p)
         p.add_argument("-c", "--config", required=True, help="config URI the steps read (s3://... or a path inside the image)")
         _param_args(p)
-        p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+        flags.add_overrides(p)
         p.add_argument("--experiment", default="softprompt", help="experiment (created if missing; default softprompt)")
         p.add_argument("--version", help="pipeline version name (default <package version>-<spec hash>)")
         p.add_argument("--image", help="image for every step (default: the pinned one)")
@@ -94,8 +95,9 @@ def _param_args(p: argparse.ArgumentParser, *, launcher_default: str | None = No
     p.add_argument("--base-model", help="base model (overrides model.name)")
     p.add_argument("--train-data", help="training data URI (overrides data.train)")
     p.add_argument("--test-data", help="test data URI (overrides data.test)")
-    p.add_argument("--registry", help="registry prefix, s3://BUCKET/PREFIX or a folder (overrides publish.store)")
-    p.add_argument("--s3-endpoint", help="S3 endpoint for data, model and registry (MinIO)")
+    p.add_argument("--registry", help="registry prefix, s3://BUCKET/PREFIX or a folder (overrides publish.registry)")
+    p.add_argument("--s3-endpoint", help="S3 endpoint of every s3:// URI: data, model, registry (overrides s3.endpoint)")
+    flags.add_renamed(p, "--endpoint-url")
     p.add_argument("--launcher", default=launcher_default, choices=("local", "ray-jobs", "rayjob"),
                    help="where tune runs" + (f" (default {launcher_default})" if launcher_default else " (default rayjob)"))
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -204,4 +206,4 @@ def _module(name: str) -> Any:
 
 
 def _submit_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    return pipeline_arguments(args, args.override) | {"config_uri": args.config}
+    return pipeline_arguments(args, args.overrides) | {"config_uri": args.config}

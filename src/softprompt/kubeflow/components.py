@@ -1,7 +1,7 @@
 """The KFP components: one per stage, each a typed interface around one `steps` function.
 
 Component bodies only move artifacts: they hand KFP's artifact paths to `softprompt.kubeflow.steps`
-(which runs the `softprompt` CLI) and copy what it returns into artifact metadata. They run in one
+(which runs the stage) and copy what it returns into artifact metadata. They run in one
 image pinned to the package version (`IMAGE`), which already holds softprompt, kfp and ray, so
 nothing is pip-installed at run time. KFP embeds each function's source in the pipeline spec and
 runs it in a fresh interpreter, hence the imports inside the bodies and the inline NamedTuple
@@ -46,7 +46,7 @@ def validate(
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def ingest(config: Input[Artifact], dataset: Output[Dataset]) -> None:
-    """Ingest: read, check, split and tokenize the data (`softprompt ingest`)."""
+    """Ingest: read, check, split and tokenize the data; output the prepared dataset."""
     from softprompt.kubeflow import steps
 
     dataset.metadata.update(steps.ingest(config.path, dataset.path))
@@ -65,15 +65,15 @@ def tune(
     cpus_per_worker: float,
     memory_per_worker: str,
     max_hours: float,
-    adapter: Output[Model],
+    winners: Output[Model],
 ) -> None:
-    """Tune: search prompt-tuning settings with Ray Tune over Ray Train workers (`softprompt
-    tune`), locally, on a running Ray cluster, or on a RayJob's own cluster; output the best
-    trials' prompts, ranked."""
+    """Tune: search prompt-tuning settings with Ray Tune over Ray Train workers, locally, on a
+    running Ray cluster, or on a RayJob's own cluster; output the winners (the best trials'
+    prompts, ranked, with train_result.json)."""
     from softprompt.kubeflow import steps
 
-    adapter.metadata.update(steps.tune(
-        config.path, dataset.path, adapter.path, launcher=launcher, ray_address=ray_address, run_id=run_id,
+    winners.metadata.update(steps.tune(
+        config.path, dataset.path, winners.path, launcher=launcher, ray_address=ray_address, run_id=run_id,
         ray_namespace=ray_namespace, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
         cpus_per_worker=cpus_per_worker, memory_per_worker=memory_per_worker, max_hours=max_hours))
 
@@ -82,42 +82,42 @@ def tune(
 def evaluate(
     config: Input[Artifact],
     dataset: Input[Dataset],
-    adapter: Input[Model],
-    candidate: Output[Model],
+    winners: Input[Model],
+    artifact: Output[Model],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
 ) -> bool:
-    """Evaluate: score the tuned prompt against zero-shot and few-shot baselines (`softprompt
-    evaluate`); output the publishable folder, the scores, the confusion matrix and the report,
-    and return whether the tuned prompt beats every baseline (the promotion gate)."""
+    """Evaluate: score the winners against zero-shot and few-shot baselines; output the
+    publishable artifact folder, the scores, the confusion matrix and the report, and return
+    whether the tuned prompt beats every baseline (the promotion gate)."""
     from softprompt.kubeflow import steps
 
-    result = steps.evaluate(config.path, dataset.path, adapter.path, candidate.path, report.path)
+    result = steps.evaluate(config.path, dataset.path, winners.path, artifact.path, report.path)
     for name, value in steps.metric_scalars(result).items():
         metrics.log_metric(name, value)
     confusion.log_confusion_matrix(result["tuned"]["labels"], result["tuned"]["confusion"])
-    candidate.metadata.update({key: result[key] for key in ("primary_metric", "split", "beats_baselines", "verdict")})
+    artifact.metadata.update({key: result[key] for key in ("primary_metric", "split", "beats_baselines", "verdict")})
     return bool(result["beats_baselines"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def publish(
     config: Input[Artifact],
-    candidate: Input[Model],
+    artifact: Input[Model],
 ) -> NamedTuple("Outputs", [("task", str), ("base_model", str), ("version", str), ("uri", str), ("metric", str), ("value", float), ("eval_fingerprint", str), ("created_at", str)]):  # type: ignore[valid-type]
-    """Publish: push the evaluated folder to the prompt registry as an immutable version
-    (`softprompt publish`); output its identity and manifest fields."""
+    """Publish: push the evaluated artifact folder to the prompt registry as an immutable version
+    (the registry checks its provenance first); output its identity and manifest fields."""
     from softprompt.kubeflow import steps
 
-    r = steps.publish(config.path, candidate.path)
+    r = steps.publish(config.path, artifact.path)
     return (r["task"], r["base_model"], r["version"], r["uri"], r["metric"], r["value"], r["eval_fingerprint"], r["created_at"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def promote(config: Input[Artifact], task: str, base_model: str, version: str, run_id: str) -> str:
-    """Promote: make the version the champion if the registry's gate agrees (`softprompt
-    promote`); returns promoted, refused or the registry's other outcome."""
+    """Promote: make the version the champion if the registry's gate agrees; returns promoted,
+    refused or the registry's other outcome."""
     from softprompt.kubeflow import steps
 
     return steps.promote(config.path, task, base_model, version, reason=f"pipeline run {run_id}")

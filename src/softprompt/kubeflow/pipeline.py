@@ -90,11 +90,11 @@ def softprompt_pipeline(
     tune.set_cpu_request("1").set_memory_request("4Gi").set_memory_limit("16Gi")
     tune.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="10m")
 
-    evaluate = c.evaluate(config=config, dataset=ingest.outputs["dataset"], adapter=tune.outputs["adapter"])
+    evaluate = c.evaluate(config=config, dataset=ingest.outputs["dataset"], winners=tune.outputs["winners"])
     evaluate.set_display_name("Evaluate")
     evaluate.set_cpu_request("2").set_memory_request("8Gi").set_memory_limit("16Gi")
 
-    publish = c.publish(config=config, candidate=evaluate.outputs["candidate"])
+    publish = c.publish(config=config, artifact=evaluate.outputs["artifact"])
     publish.set_display_name("Publish").set_caching_options(False)
     publish.set_cpu_request("500m").set_memory_request("1Gi").set_memory_limit("2Gi").set_retry(**_TRANSIENT_RETRY)
 

@@ -1,23 +1,19 @@
-"""What each KFP component runs: move artifacts into a run folder, call the `softprompt` CLI, move
-the results out. No kfp import here, so every step is a plain function that tests call directly.
+"""What each KFP component runs: read the resolved config once, run the stage, leave its typed
+result in the output artifact. No kfp import here, so every step is a plain function that tests call
+directly.
 
-Each step runs the CLI as `python -m softprompt.cli ...` in a subprocess (the same interpreter,
-so the component image and a local venv behave alike) and returns plain data that the component
-copies into its KFP artifacts' metadata. The validate step writes the *resolved* config (file +
-pipeline parameters + overrides, validated); every later step reads that one file, so all stages
-of a run see exactly the same configuration.
-
-On a cluster the tune step hands its work to a Ray driver (`remote.py`) through a scratch store,
-launched as a KubeRay RayJob or a Ray Jobs API submission (`rayjob.py`).
+The validate step writes the *resolved* config (file + pipeline parameters + overrides, validated);
+every later step reads that one file, so all stages of a run see the same configuration. The stages
+are the core's (`softprompt.ingest`, the Ray layer's `RayTuneTrainer`, `softprompt.evaluate`, the
+registry), called in-process, and each output artifact is the stage's own output folder with its
+result file: `ingest_result.json` (dataset), `train_result.json` (winners), `metrics.json`
+(artifact). On a cluster the tune step hands its work to a Ray driver (`remote.py`) through a
+scratch store, launched as a KubeRay RayJob or a Ray Jobs API submission (`rayjob.py`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,16 +23,13 @@ import yaml
 
 from softprompt.config import JobConfig, load_config, to_dict
 from softprompt.errors import SoftpromptError
-
-S3_SECRET = os.environ.get("SOFTPROMPT_S3_SECRET", "softprompt-s3")
-"""Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (infra/rbac allows `get` on it)."""
-EXIT_NOT_PROMOTED = 3
-"""`softprompt promote` exit code when the registry's gate refused (not an error)."""
-_SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+from softprompt.kubeflow.pods import ensure_s3_credentials, pod_namespace
+from softprompt.kubeflow.scratch import copy_tree, default_scratch, pull_tree, push_tree
+from softprompt.outcome import TrainOutcome
 
 
 class StepError(SoftpromptError):
-    """A pipeline step's command failed; the message names the command and its exit code."""
+    """A pipeline step cannot go on; the message names the input and the fix."""
 
 
 def validate(
@@ -50,21 +43,35 @@ def validate(
     s3_endpoint: str = "",
     overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Fetch the config, apply the pipeline parameters, validate it with `softprompt validate`
-    (data sources included) and write the resolved YAML to `config_out`.
+    """Fetch the config, apply the pipeline parameters, check it and its data sources, and write the
+    resolved YAML to `config_out`. Empty parameters keep the config's value.
 
-    Empty parameters keep the config's value. Returns metadata for the config artifact.
+    Returns:
+        Metadata for the config artifact.
+
+    Raises:
+        StepError: the config cannot be read, or its data sources are unusable (every problem listed).
     """
+    from softprompt.ingest import check_sources
+    from softprompt.uris import fetch
+
     ensure_s3_credentials()
+    if not config_uri:
+        raise StepError("config_uri is empty; pass a YAML path or s3://bucket/key")
     with tempfile.TemporaryDirectory(prefix="softprompt-validate-") as tmp:
-        local = fetch_file(config_uri, Path(tmp) / "config.yaml", endpoint_url=s3_endpoint or None)
-        args = [*parameter_overrides(base_model, train_data_uri, test_data_uri, registry, s3_endpoint), *overrides]
-        run_cli(["validate", "-c", str(local), *args])
-        cfg = load_config(local, args)
+        try:
+            local = fetch(config_uri, Path(tmp) / "config.yaml", endpoint=s3_endpoint or None)
+        except SoftpromptError as exc:
+            raise StepError(f"cannot read config {config_uri}: {exc}; pass an existing YAML path or an s3:// URI") from exc
+        cfg = load_config(local, [*parameter_overrides(base_model, train_data_uri, test_data_uri, registry, s3_endpoint), *overrides])
+    problems = check_sources(cfg)
+    if problems:
+        raise StepError("the config's data sources cannot be used:\n" + "\n".join(f"  - {p}" for p in problems))
     write_config(cfg, Path(config_out))
+    print(f"ok: {config_uri} is valid (task {cfg.task.name}, model {cfg.model.name})")
     return {
         "source": config_uri, "task": cfg.task.name, "base_model": cfg.model.name,
-        "registry": cfg.publish.store, "primary_metric": cfg.evaluate.primary_metric,
+        "registry": cfg.publish.registry, "primary_metric": cfg.evaluate.primary_metric,
     }
 
 
@@ -72,27 +79,26 @@ def parameter_overrides(
     base_model: str = "", train_data_uri: str = "", test_data_uri: str = "", registry: str = "", s3_endpoint: str = ""
 ) -> list[str]:
     """The pipeline's named parameters as `a.b=value` overrides (empty ones are left out)."""
-    pairs = [("model.name", base_model), ("data.train", train_data_uri), ("data.test", test_data_uri), ("publish.store", registry)]
-    if s3_endpoint:
-        pairs += [(f"{section}.s3_endpoint_url", s3_endpoint) for section in ("data", "model", "publish")]
+    pairs = [("model.name", base_model), ("data.train", train_data_uri), ("data.test", test_data_uri),
+             ("publish.registry", registry), ("s3.endpoint", s3_endpoint)]
     # json.dumps quotes the value, so YAML reads it back as the same string ("1e3" stays text).
-    return [f"{key}={json.dumps(value)}" for key, value in pairs if value]
+    return [f"{key}={json_text(value)}" for key, value in pairs if value]
 
 
 def ingest(config: str | Path, dataset_out: str | Path) -> dict[str, Any]:
-    """`softprompt ingest` into a scratch run folder; copy the prepared data to `dataset_out`."""
+    """Ingest into `dataset_out`, which then holds the prepared splits and `ingest_result.json`."""
+    from softprompt import ingest as ingest_stage
+
     ensure_s3_credentials()
-    with tempfile.TemporaryDirectory(prefix="softprompt-ingest-") as tmp:
-        run_cli(["ingest", "-c", str(config), "--run-dir", tmp, "--no-progress"])
-        copy_tree(Path(tmp) / "data", Path(dataset_out))
-    manifest = json.loads((Path(dataset_out) / "dataset_manifest.json").read_text(encoding="utf-8"))
-    return {"fingerprint": manifest.get("fingerprint", ""), "counts": manifest.get("counts", {})}
+    result = ingest_stage.run(load_config(config), Path(dataset_out))
+    print(result.summary())
+    return {"fingerprint": result.fingerprint, "counts": result.counts}
 
 
 def tune(
     config: str | Path,
     dataset: str | Path,
-    adapter_out: str | Path,
+    winners_out: str | Path,
     *,
     launcher: str = "local",
     ray_address: str = "",
@@ -105,13 +111,13 @@ def tune(
     max_hours: float = 12.0,
     scratch_uri: str = "",
 ) -> dict[str, Any]:
-    """Tune the soft prompt; `adapter_out` gets the winners ranked best first (`collect_winners`).
+    """Tune the soft prompt; `winners_out` gets the train stage's output folder (the winners,
+    best first, and `train_result.json`).
 
     Args:
-        launcher: `local` runs `softprompt tune` on this machine (a local Ray); `ray-jobs`
-            submits to the Ray cluster whose dashboard is `ray_address`; `rayjob` creates a
-            KubeRay RayJob (a fresh cluster for this run) in `ray_namespace` (default: this pod's
-            namespace).
+        launcher: `local` tunes on this machine (a local Ray); `ray-jobs` submits to the Ray cluster
+            whose dashboard is `ray_address`; `rayjob` creates a KubeRay RayJob (a fresh cluster for
+            this run) in `ray_namespace` (default: this pod's namespace).
         run_id: The pipeline run id; the Ray job's name derives from it, so a retried step
             re-attaches to its job instead of starting a second one.
         num_workers, gpus_per_worker, cpus_per_worker: Ray Train workers per trial and what each
@@ -119,36 +125,34 @@ def tune(
             gpus_per_worker=0 trains on CPU workers.
         memory_per_worker: Memory of each RayJob worker pod.
         max_hours: Wall-clock limit of a RayJob (its `activeDeadlineSeconds`).
-        scratch_uri: Where config, data and the winner travel between this step and the Ray
+        scratch_uri: Where config, data and the winners travel between this step and the Ray
             cluster; default `s3://<registry bucket>/tmp/softprompt/<job name>`.
     """
     ensure_s3_credentials()
-    overrides = resource_overrides(num_workers, gpus_per_worker, cpus_per_worker)
+    cfg = load_config(config, resource_overrides(num_workers, gpus_per_worker, cpus_per_worker))
     if launcher == "local":
+        from softprompt.job import Models
+        from softprompt.ray.trainers import RayTuneTrainer
+
         with tempfile.TemporaryDirectory(prefix="softprompt-tune-") as tmp:
-            run_dir = Path(tmp) / "run"
-            copy_tree(Path(dataset), run_dir / "data")
-            tune_config = write_config(load_config(config, overrides), Path(tmp) / "tune.yaml")
-            command = tune_command(tune_config, run_dir)
-            run_cli(command)
-            collect_winners(run_dir, Path(adapter_out), command[0], tune_config)
-        return {"launcher": launcher, **winner_summary(Path(adapter_out))}
+            outcome = RayTuneTrainer(echo=print).train(cfg, Path(dataset), Path(tmp), Models(cfg))
+            copy_tree(outcome.output_dir, Path(winners_out))
+        return {"launcher": launcher, **winner_summary(Path(winners_out))}
     if launcher not in ("ray-jobs", "rayjob"):
         raise StepError(f"tune launcher={launcher!r} is not one of local, ray-jobs, rayjob")
     from softprompt.kubeflow import rayjob, remote
 
     name = rayjob.job_name(run_id or "manual")
-    cfg = load_config(config, overrides)
-    scratch = scratch_uri or remote.default_scratch(cfg.publish.store, name)
-    endpoint = cfg.publish.s3_endpoint_url
+    scratch = scratch_uri or default_scratch(cfg.publish.registry, name)
+    endpoint = cfg.s3.endpoint
     if cfg.ray.storage_path is None and scratch.startswith("s3://"):
         # Trials on several nodes share checkpoints only through S3.
-        cfg = load_config(config, [*overrides, f"ray.storage_path={scratch}/ray"]
-                          + ([f"ray.storage_endpoint_url={endpoint}"] if endpoint and not cfg.ray.storage_endpoint_url else []))
+        cfg = load_config(config, [*resource_overrides(num_workers, gpus_per_worker, cpus_per_worker), f"ray.storage_path={scratch}/ray"])
     with tempfile.TemporaryDirectory(prefix="softprompt-tune-") as tmp:
-        remote.push_file(write_config(cfg, Path(tmp) / "tune.yaml"), scratch + "/config", endpoint)
-    remote.push_tree(Path(dataset), scratch + "/data", endpoint)
-    entrypoint = remote.entrypoint(scratch, endpoint_url=endpoint)
+        write_config(cfg, Path(tmp) / "config" / remote.CONFIG_FILE)
+        push_tree(Path(tmp) / "config", scratch + "/config", endpoint)
+    push_tree(Path(dataset), scratch + "/data", endpoint)
+    entrypoint = remote.entrypoint(scratch, s3_endpoint=endpoint)
     if launcher == "ray-jobs":
         if not ray_address:
             raise StepError("tune launcher=ray-jobs needs ray_address, e.g. http://softprompt-head-svc.softprompt-dev.svc:8265")
@@ -159,9 +163,9 @@ def tune(
                                       cpus=cfg.ray.cpus_per_worker + 1, memory=memory_per_worker or "48Gi")
         spec = rayjob.build_rayjob(name, entrypoint, run_id=run_id, resources=pods, active_deadline_seconds=int(max_hours * 3600))
         result = rayjob.run_rayjob(spec, ray_namespace or pod_namespace())
-    remote.pull_tree(scratch + "/winners", Path(adapter_out), endpoint)
+    pull_tree(scratch + "/winners", Path(winners_out), endpoint)
     return {"launcher": launcher, "ray_job": result.name, "ray_job_status": result.job_status, "scratch": scratch,
-            **winner_summary(Path(adapter_out))}
+            **winner_summary(Path(winners_out))}
 
 
 def resource_overrides(num_workers: int = 0, gpus_per_worker: float = -1.0, cpus_per_worker: float = 0.0) -> list[str]:
@@ -174,33 +178,34 @@ def resource_overrides(num_workers: int = 0, gpus_per_worker: float = -1.0, cpus
     return out + ([f"ray.cpus_per_worker={cpus_per_worker}"] if cpus_per_worker > 0 else [])
 
 
-def write_config(cfg: JobConfig, path: Path) -> Path:
-    """Write a resolved config as YAML that `load_config` reads back unchanged."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    return path
+def winner_summary(winners: Path) -> dict[str, Any]:
+    """Metadata of the tune step's `winners` artifact: who trained, how many winners, the best's scores."""
+    outcome = TrainOutcome.read(winners)
+    best = (outcome.summary.get("tune") or {}).get("best") or {}
+    extra = {"best_trial": best.get("trial_id"), "best_params": best.get("params")} if best else {}
+    return {"trainer": outcome.trainer, "winners": len(outcome.winners), **extra,
+            "best_eval_metric": outcome.summary.get("best_eval_metric"), "steps": outcome.summary.get("steps")}
 
 
-def evaluate(
-    config: str | Path, dataset: str | Path, adapter: str | Path, candidate_out: str | Path, report_out: str | Path
-) -> dict[str, Any]:
-    """`softprompt evaluate` the tuned prompts (the winner, and the top-k as an ensemble) against
-    the baselines, with the winning trial's configuration that the tune step wrote.
+def evaluate(config: str | Path, dataset: str | Path, winners: str | Path, artifact_out: str | Path, report_out: str | Path) -> dict[str, Any]:
+    """Evaluate the tune step's winners (the best, and the top-k as an ensemble) against the
+    baselines; `artifact_out` gets the publishable folder and `report_out` its `report.html`.
 
-    Copies the publishable folder to `candidate_out` and `report.html` to `report_out`; returns
-    metrics.json's contents (the component logs its scalars and confusion matrix).
+    Returns:
+        metrics.json's contents (the component logs its scalars and confusion matrix).
     """
+    from softprompt import evaluate as evaluate_stage
+    from softprompt.job import Models
+
     ensure_s3_credentials()
-    winner_config = Path(adapter) / "config.yaml"
-    with tempfile.TemporaryDirectory(prefix="softprompt-evaluate-") as tmp:
-        adapters = [arg for d in ranked_adapters(Path(adapter)) for arg in ("--adapter", str(d))]
-        run_cli(["evaluate", "-c", str(winner_config if winner_config.is_file() else config), "--run-dir", tmp,
-                 "--data", str(dataset), *adapters, "--no-progress"])
-        copy_tree(Path(tmp) / "artifact", Path(candidate_out))
+    cfg = load_config(config)
+    outcome = TrainOutcome.read(winners)
+    result = evaluate_stage.run(cfg, Models(outcome.config).get(), Path(dataset), outcome, Path(artifact_out))
+    print(result.table())
+    print(result.verdict)
     Path(report_out).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(candidate_out) / "report.html", report_out)
-    metrics: dict[str, Any] = json.loads((Path(candidate_out) / "metrics.json").read_text(encoding="utf-8"))
-    return metrics
+    shutil.copyfile(Path(artifact_out) / "report.html", report_out)
+    return result.metrics
 
 
 def metric_scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -214,183 +219,47 @@ def metric_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def publish(config: str | Path, candidate: str | Path) -> dict[str, Any]:
-    """`softprompt publish` the evaluated folder to the config's registry; returns the version's
-    identity and its manifest fields (`softprompt registry show`)."""
+def publish(config: str | Path, artifact: str | Path) -> dict[str, Any]:
+    """Publish the evaluated artifact folder to the config's registry (the registry checks its
+    provenance); returns the version's identity and its manifest fields."""
+    from softprompt import registry
+
     ensure_s3_credentials()
-    cfg = load_config(config)
-    store = _store_args(cfg)
-    result = json.loads(run_cli(["publish", str(candidate), *store, "--json"], capture=True))
-    shown = json.loads(run_cli(["registry", "show", result["task"], result["base_model"], result["version"], *store, "--json"], capture=True))
-    manifest = shown.get("manifest", {})
+    store = registry.open_registry(load_config(config))
+    result = registry.publish(store, Path(artifact))
+    print(result.message)
+    info = registry.show(store, result.task, result.base_model, result.version)
     return {
-        "task": result["task"], "base_model": result["base_model"], "version": result["version"], "uri": result["uri"],
-        "created": bool(result["created"]), "metric": shown.get("metric", ""), "value": float(shown.get("value", 0.0)),
-        "eval_fingerprint": shown.get("eval_fingerprint", ""), "created_at": shown.get("created_at", ""),
-        "weights_sha256": (manifest.get("base_model") or {}).get("weights_sha256", ""),
+        "task": result.task, "base_model": result.base_model, "version": result.version, "uri": result.uri,
+        "created": result.created, "metric": info.metric, "value": info.value,
+        "eval_fingerprint": info.eval_fingerprint, "created_at": info.created_at,
+        "weights_sha256": (info.manifest.get("base_model") or {}).get("weights_sha256", ""),
     }
 
 
 def promote(config: str | Path, task: str, base_model: str, version: str, *, reason: str = "") -> str:
-    """`softprompt promote`: the registry's gate compares with the champion on the same eval set.
+    """Make the version the champion if the registry's gate agrees (same eval set, better
+    `evaluate.primary_metric`). Returns the outcome (`promoted`, `refused`, `unchanged`); a refusal
+    is not an error."""
+    from softprompt import registry
 
-    Returns the outcome (`promoted`, `refused`, ...); a refusal is not an error.
-    """
     ensure_s3_credentials()
     cfg = load_config(config)
-    args = ["promote", task, base_model, version, *_store_args(cfg), "--metric", cfg.evaluate.primary_metric, "--json"]
-    if reason:
-        args += ["--reason", reason]
-    proc = _run(args, capture=True, ok=(0, EXIT_NOT_PROMOTED))
-    if proc.returncode == EXIT_NOT_PROMOTED:
-        return "refused"
-    status: str = json.loads(proc.stdout).get("status", "promoted")
-    return status
+    result = registry.promote(registry.open_registry(cfg), task, base_model, version,
+                              gate=registry.Gate(metric=cfg.evaluate.primary_metric), reason=reason)
+    print(result.message)
+    return result.status
 
 
-# --------------------------------------------------------------------------------------------------
-# Tuned prompts: the tune command, and the ranked winners it leaves (here or on the Ray head)
+def write_config(cfg: JobConfig, path: Path) -> Path:
+    """Write a resolved config as YAML that `load_config` reads back unchanged."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    return path
 
 
-def tune_command(config: Path, run_dir: Path, *, ray_address: str = "") -> list[str]:
-    """The `softprompt tune` arguments for a run folder (`--ray-address` joins a running cluster)."""
-    return ["tune", "-c", str(config), "--run-dir", str(run_dir), *(["--ray-address", ray_address] if ray_address else [])]
+def json_text(value: str) -> str:
+    """A string as a quoted YAML scalar (JSON is YAML): `1e3` and `null` stay text."""
+    import json
 
-
-def collect_winners(run_dir: Path, out: Path, command: str, config: Path) -> None:
-    """Copy the tuned prompts of a `softprompt tune` run folder to `out` as ranked folders `00/`,
-    `01/`, ... (each `adapter/` plus `train_history.json`, checkpoints left out), `ranking.json`,
-    and `config.yaml`: `config` with the winning trial's values, which evaluate uses (as
-    `softprompt run` does).
-
-    Tune ranks its top `tune.top_k_ensemble` trials in `tune/tune_result.json`, best first;
-    evaluate also scores them as an ensemble. `command` (the CLI command that ran) is recorded
-    in `ranking.json`.
-    """
-    from softprompt.ray.train import with_params
-
-    result = json.loads((run_dir / "tune" / "tune_result.json").read_text(encoding="utf-8"))
-    trial_dirs = [Path(adapter).parent for adapter in result["ensemble"]]
-    cfg = with_params(load_config(config), (result.get("best") or {}).get("params") or {})
-    write_config(cfg, out / "config.yaml")
-    names = [f"{rank:02d}" for rank in range(len(trial_dirs))]
-    for name, trial_dir in zip(names, trial_dirs, strict=True):
-        copy_tree(trial_dir, out / name, ignore=("checkpoint",))
-    ranking = {"command": command, "adapters": names, "tune": {k: v for k, v in result.items() if k not in ("trials", "ensemble")}}
-    (out / "ranking.json").write_text(json.dumps(ranking, indent=1, default=str), encoding="utf-8")
-
-
-def ranked_adapters(winners: Path) -> list[Path]:
-    """The adapter folders of `collect_winners`' output, best first."""
-    ranking = json.loads((winners / "ranking.json").read_text(encoding="utf-8"))
-    return [winners / name / "adapter" for name in ranking["adapters"]]
-
-
-def winner_summary(winners: Path) -> dict[str, Any]:
-    """Metadata of the tune step's Model: how it was produced and the winner's scores."""
-    ranking = json.loads((winners / "ranking.json").read_text(encoding="utf-8"))
-    best = (ranking.get("tune") or {}).get("best") or {}
-    extra = {"best_trial": best.get("trial_id"), "best_params": best.get("params")} if best else {}
-    return {"command": ranking["command"], "adapters": len(ranking["adapters"]), **extra, **_history_summary(winners / ranking["adapters"][0])}
-
-
-# --------------------------------------------------------------------------------------------------
-# Shared helpers
-
-
-def run_cli(args: Sequence[str], *, capture: bool = False) -> str:
-    """Run `softprompt ARGS...` with this interpreter; raise StepError if it fails.
-
-    Output streams to this process's (the KFP log); with `capture`, stdout is also returned.
-    """
-    return _run(args, capture=capture).stdout or ""
-
-
-def _run(args: Sequence[str], *, capture: bool = False, ok: Sequence[int] = (0,)) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "softprompt.cli", *args]
-    print("+ softprompt " + " ".join(args), flush=True)
-    proc = subprocess.run(command, text=True, capture_output=capture, check=False)
-    if capture:
-        sys.stdout.write(proc.stdout)
-        sys.stderr.write(proc.stderr)
-        sys.stdout.flush()
-    if proc.returncode not in ok:
-        detail = f": {proc.stderr.strip().splitlines()[-1]}" if capture and proc.stderr.strip() else " (its error is in the log above)"
-        raise StepError(f"`softprompt {' '.join(args[:1])}` exited with {proc.returncode}{detail}")
-    return proc
-
-
-def fetch_file(uri: str, dest: Path, *, endpoint_url: str | None = None) -> Path:
-    """A local copy of `uri` (a path or `s3://bucket/key`) at `dest`."""
-    if not uri:
-        raise StepError("config_uri is empty; pass a YAML path or s3://bucket/key")
-    if uri.startswith("s3://"):
-        from softprompt.registry.store import open_store
-
-        parent, _, key = uri.rpartition("/")
-        return open_store(parent, endpoint_url=endpoint_url).get_file(key, dest)
-    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-    if not path.is_file():
-        raise StepError(f"config {uri} does not exist; pass an existing YAML path or an s3:// URI")
-    shutil.copyfile(path, dest)
-    return dest
-
-
-def copy_tree(src: Path, dest: Path, *, ignore: Sequence[str] = ()) -> None:
-    """Copy a folder's contents into `dest` (created; existing files are replaced)."""
-    if not src.is_dir():
-        raise StepError(f"expected output folder {src} was not written")
-    shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*ignore) if ignore else None)
-
-
-def ensure_s3_credentials(api_client: Any = None) -> None:
-    """Inside a Kubernetes pod without AWS credentials in its environment, read them from the
-    Secret `softprompt-s3` of the pod's namespace (the pipeline's Role may `get` exactly that).
-
-    KFP gives component pods no secret env without the kfp-kubernetes extension; reading the
-    Secret through the API keeps credentials out of the pipeline spec. A failure only warns:
-    credentials may also come from the node's or the pod's cloud identity.
-
-    Args:
-        api_client: A kubernetes ApiClient (tests); default: the pod's in-cluster credentials.
-    """
-    if os.environ.get("AWS_ACCESS_KEY_ID") or not os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return
-    try:
-        import base64
-
-        from kubernetes import client, config
-
-        if api_client is None:
-            config.load_incluster_config()
-        secret = client.CoreV1Api(api_client).read_namespaced_secret(S3_SECRET, pod_namespace())
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-            if (secret.data or {}).get(key):
-                os.environ[key] = base64.b64decode(secret.data[key]).decode()
-    except Exception as exc:  # any failure leaves the default AWS credential chain in charge
-        print(f"warning: could not read Secret {S3_SECRET} ({exc}); using the default AWS credential chain", file=sys.stderr)
-
-
-def pod_namespace() -> str:
-    """The namespace this pod runs in (`default` outside a cluster)."""
-    path = _SA_DIR / "namespace"
-    return path.read_text().strip() if path.is_file() else "default"
-
-
-def _store_args(cfg: JobConfig) -> list[str]:
-    args = ["--store", cfg.publish.store]
-    if cfg.publish.s3_endpoint_url:
-        args += ["--endpoint-url", cfg.publish.s3_endpoint_url]
-    if cfg.publish.region:
-        args += ["--region", cfg.publish.region]
-    return args
-
-
-def _history_summary(trial_dir: Path) -> dict[str, Any]:
-    path = trial_dir / "train_history.json"
-    if not path.is_file():
-        return {}
-    history = json.loads(path.read_text(encoding="utf-8"))
-    scored = [h for h in history if isinstance(h.get("eval_metric"), (int, float))]
-    best = max(scored, key=lambda h: h["eval_metric"], default=None)
-    return {"best_eval_metric": best["eval_metric"], "best_step": best.get("step", 0)} if best else {}
+    return json.dumps(value)

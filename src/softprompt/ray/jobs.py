@@ -1,7 +1,5 @@
-"""Where a Ray command runs: a local Ray, an existing cluster, or a Ray Job on a cluster.
+"""Ray Jobs: run a `softprompt` command on a Ray cluster as a Ray Job and follow it.
 
-    softprompt tune -c cfg.yaml                              # starts a local Ray (dashboard on)
-    softprompt tune -c cfg.yaml --ray-address auto           # joins this machine's cluster
     softprompt tune -c cfg.yaml --submit http://HEAD:8265    # runs the same command as a Ray Job
 
 A submitted job gets a deterministic submission id (a hash of the resolved config, the data and
@@ -15,8 +13,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
-import os
 import re
 import sys
 import tempfile
@@ -27,119 +23,13 @@ from typing import Any
 
 import yaml
 
-from softprompt.config import JobConfig, RayConfig, to_dict
+from softprompt.config import JobConfig, to_dict
 from softprompt.errors import SoftpromptError
 
 log = logging.getLogger(__name__)
 
 JOB_CONFIG = "job_config.yaml"
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-TRIAL_CPU = 0.01
-"""Logical CPU a Tune trial's own process reserves: it only drives its Train run, whose workers
-reserve the real resources (Tune refuses an all-zero request, hence a sliver)."""
-
-
-def local_num_cpus(rc: RayConfig) -> int:
-    """Logical CPUs of a local Ray: `ray.num_cpus`, else every core plus one.
-
-    The extra logical CPU is for the processes that only wait (Tune trials, Train controllers): on a
-    2-core laptop, 2 workers x 1 CPU plus a trial's sliver would otherwise never fit, and the run
-    would wait for resources until it times out.
-    """
-    if rc.num_cpus is not None:
-        return rc.num_cpus
-    return max(os.cpu_count() or 1, math.ceil(rc.num_workers * rc.cpus_per_worker)) + 1
-
-
-def run_reservation(rc: RayConfig, *, tuning: bool) -> tuple[float, float]:
-    """(logical CPUs, GPUs) one training run reserves: its workers, plus a Tune trial's own sliver
-    of a CPU when it runs as a trial."""
-    cpus = rc.num_workers * rc.cpus_per_worker + (TRIAL_CPU if tuning else 0.0)
-    gpus = rc.num_workers * (rc.gpus_per_worker or 1.0) if rc.use_gpu else 0.0
-    return cpus, gpus
-
-
-def check_fits(rc: RayConfig, *, tuning: bool) -> None:
-    """Refuse, at once, a run whose one training run cannot fit the local Ray this command started.
-
-    A joined cluster is not checked: an autoscaler may still add the nodes.
-
-    Raises:
-        SoftpromptError: naming what one run needs, what the cluster has, and the settings to change.
-    """
-    import ray
-
-    total = ray.cluster_resources()
-    cpus, gpus = run_reservation(rc, tuning=tuning)
-    if total.get("CPU", 0.0) + 1e-9 < cpus:
-        raise SoftpromptError(
-            f"one training run needs {cpus:g} logical CPUs (ray.num_workers={rc.num_workers} x ray.cpus_per_worker="
-            f"{rc.cpus_per_worker:g}{' + a trial' if tuning else ''}) but this local Ray has {total.get('CPU', 0.0):g} "
-            "(ray.num_cpus); lower ray.num_workers or ray.cpus_per_worker, or raise ray.num_cpus"
-        )
-    if total.get("GPU", 0.0) + 1e-9 < gpus:
-        raise SoftpromptError(
-            f"ray.use_gpu=true with {rc.num_workers} workers x {rc.gpus_per_worker or 1.0:g} GPUs, but this local Ray has "
-            f"{total.get('GPU', 0.0):g} GPUs; lower ray.num_workers / ray.gpus_per_worker, or set ray.use_gpu=false"
-        )
-
-
-def init_ray(rc: RayConfig, address: str | None = None, *, tuning: bool = True) -> str:
-    """Connect this process to Ray.
-
-    Args:
-        rc: The `ray` section (its `address`, local `num_cpus`, `dashboard`, and the workers one
-            run needs, checked against a local Ray).
-        address: `--ray-address`, which wins over `rc.address`: None starts a local Ray with its
-            dashboard (inside a Ray Job it joins the job's cluster); `auto` or `HOST:PORT` joins.
-        tuning: Runs will be Tune trials (each adds a trial's sliver of a CPU), for the check that
-            one run fits a local Ray.
-
-    Returns:
-        One line for people: what was started or joined, and the dashboard URL.
-
-    Raises:
-        SoftpromptError: when the cluster cannot be reached (names the address), or one run does
-            not fit the local Ray.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return "using the Ray this process is already connected to"
-    target = address or rc.address or os.environ.get("RAY_ADDRESS")
-    try:
-        if target:
-            ctx = ray.init(address=target, logging_level=logging.WARNING)
-            what = f"joined Ray at {target}"
-        else:
-            # The dashboard stays on: a trial that ASHA stops is killed with its Train controller,
-            # and Ray Train's PlacementGroupCleaner then frees the workers' placement group; it
-            # asks the dashboard (State API) whether the controller is gone. Without it the group
-            # leaks and starves the next trial. The cleaner finds the dashboard by auto-detection,
-            # which fails when several Ray instances run on one machine; naming our dashboard in
-            # RAY_API_SERVER_ADDRESS while Ray starts (its processes keep the variable) prevents
-            # that. This process drops it again: here it would redirect every Jobs API client.
-            port = _free_port() if rc.dashboard else None
-            own = port is not None and not os.environ.get("RAY_API_SERVER_ADDRESS")
-            if own:
-                os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-            try:
-                ctx = ray.init(
-                    num_cpus=local_num_cpus(rc), include_dashboard=rc.dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
-                    logging_level=logging.WARNING,
-                )
-            finally:
-                if own:
-                    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-            what = "started a local Ray"
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise SoftpromptError(f"cannot connect to Ray at {target or 'a new local instance'}: {exc}; check --ray-address / ray.address") from exc
-    if not target:
-        check_fits(rc, tuning=tuning)
-    url = getattr(ctx, "dashboard_url", None)
-    return f"{what}" + (f" (dashboard http://{url})" if url else "")
 
 
 def submission_id(command: str, cfg: JobConfig, args: list[str] | None = None) -> str:
@@ -298,14 +188,6 @@ def _portable(cfg: JobConfig) -> JobConfig:
         raw["run_name"] = submission_id("run-name", cfg).rsplit("-", 1)[-1][:8]
         raw["run_name"] = f"{cfg.task.name}-{raw['run_name']}"
     return config_from_dict(raw)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _quote(arg: str) -> str:

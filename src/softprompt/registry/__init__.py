@@ -1,6 +1,9 @@
 """The prompt registry: artifact stores (a local folder or S3), immutable versions, the champion
 pointer, and their command line."""
 
+from typing import TYPE_CHECKING
+
+from softprompt.registry.store import ArtifactStore, open_store
 from softprompt.registry.versions import (
     CHAMPION_ALIAS,
     REQUIRED_FILES,
@@ -21,9 +24,19 @@ from softprompt.registry.versions import (
     verify_folder,
 )
 
+if TYPE_CHECKING:
+    from softprompt.config import JobConfig
+
+
+def open_registry(cfg: "JobConfig") -> ArtifactStore:
+    """The registry a job publishes to: `publish.registry` with the job's S3 endpoint and region."""
+    return open_store(cfg.publish.registry, endpoint_url=cfg.s3.endpoint, region=cfg.s3.region)
+
+
 __all__ = [
     "CHAMPION_ALIAS",
     "REQUIRED_FILES",
+    "ArtifactStore",
     "Gate",
     "PromotionResult",
     "PublishResult",
@@ -31,6 +44,8 @@ __all__ = [
     "compute_version",
     "list_models",
     "list_versions",
+    "open_registry",
+    "open_store",
     "promote",
     "publish",
     "pull",

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from softprompt import flags
 from softprompt.errors import SoftpromptError
 from softprompt.registry import versions as registry
 from softprompt.registry.store import ArtifactStore, open_store
@@ -26,12 +27,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register publish, promote, rollback and registry {list,show,pull} on a sub-parser set."""
     p = subparsers.add_parser(
         "publish",
-        help="publish a finished run folder as an immutable registry version",
-        description="Upload every file of RUN_DIR, then MANIFEST.json; re-publishing the same run is a no-op.",
+        help="publish an evaluated artifact folder as an immutable registry version",
+        description="Check ARTIFACT_DIR's provenance, upload every file, then MANIFEST.json; re-publishing the same artifact is a no-op.",
     )
-    p.add_argument(
-        "run_dir", type=Path, metavar="RUN_DIR", help="folder written by `softprompt train`/evaluate"
-    )
+    p.add_argument("artifact_dir", type=Path, metavar="ARTIFACT_DIR", help="the artifact folder `softprompt evaluate` wrote")
     _store_args(p)
     p.set_defaults(func=_publish)
 
@@ -83,10 +82,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", required=True, help="registry root: s3://BUCKET/PREFIX or a local folder")
-    p.add_argument("--endpoint-url", help="custom S3 endpoint (MinIO, Ceph); path-style addressing is used")
-    p.add_argument("--region", help="S3 region (default: from the AWS configuration)")
-    p.add_argument("--profile", help="AWS profile (default: the standard credential chain)")
+    flags.add_registry(p)
+    flags.add_renamed(p, "--store")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -96,7 +93,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _store(args: argparse.Namespace) -> ArtifactStore:
-    return open_store(args.store, endpoint_url=args.endpoint_url, region=args.region, profile=args.profile)
+    return open_store(args.registry, endpoint_url=args.s3_endpoint, region=args.region, profile=args.profile)
 
 
 def _emit(args: argparse.Namespace, payload: Any, line: str) -> None:
@@ -115,7 +112,7 @@ def _plain(value: Any) -> Any:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    result = registry.publish(_store(args), args.run_dir)
+    result = registry.publish(_store(args), args.artifact_dir)
     _emit(args, result, result.message)
     return EXIT_OK
 

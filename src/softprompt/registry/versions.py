@@ -37,6 +37,8 @@ REQUIRED_FILES = (
     "run_manifest.json",
     "report.html",
 )
+PROVENANCE_FIELDS = ("git", "packages", "config", "dataset", "base_model", "train")
+"""What `run_manifest.json` must record (non-empty) before anything is published."""
 MANIFEST = "MANIFEST.json"
 CHAMPION = "champion.json"
 CHAMPION_ALIAS = "champion"
@@ -511,6 +513,12 @@ def _read_run(run_dir: Path) -> _Run:
             f"including {', '.join(REQUIRED_FILES)}"
         )
     run_manifest = _read_json(run_dir / "run_manifest.json")
+    gaps = [key for key in PROVENANCE_FIELDS if not run_manifest.get(key)]
+    if gaps:
+        raise StoreError(
+            f"cannot publish {run_dir}: {run_dir / 'run_manifest.json'} lacks provenance {gaps}; nothing is "
+            "published without it. Evaluate the train stage's output (`softprompt evaluate --train DIR`) to write it"
+        )
     metrics = _read_json(run_dir / "metrics.json")
     _read_json(run_dir / "adapter_config.json")
     base = _field(run_manifest, "base_model", dict, run_dir / "run_manifest.json")

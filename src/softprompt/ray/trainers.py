@@ -1,0 +1,91 @@
+"""The job's `Trainer` on Ray: one Ray Train run, or a Ray Tune sweep of Ray Train runs.
+
+    job.run(cfg, run_dir, RayTrainTrainer(address))    # ray.num_workers DDP workers
+    job.run(cfg, run_dir, RayTuneTrainer(address))     # tune.num_samples trials, each a Train run
+
+Both connect to Ray first (a local Ray this command starts, or the cluster at `address`), train,
+and only then load the base model on the driver, to turn the winners' checkpoints into adapter
+files in `<run_dir>/train`; that folder's `train_result.json` is the same contract the in-process
+trainer writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from softprompt import checkpoint
+from softprompt.config import JobConfig, with_values
+from softprompt.errors import SoftpromptError
+from softprompt.job import Models
+from softprompt.outcome import TrainOutcome
+from softprompt.ray import cluster, tune
+from softprompt.ray import train as ray_train
+
+WINNERS_DIR = "winners"
+
+
+class RayTrainTrainer:
+    """Training on `ray.num_workers` Ray Train workers (DDP), checkpointed to Ray's storage."""
+
+    def __init__(self, address: str | None = None, *, echo: Callable[[str], None] = print) -> None:
+        self.address, self.echo = address, echo
+
+    def describe(self, cfg: JobConfig) -> str:
+        """What training will do."""
+        return f"train through Ray Train ({cfg.ray.num_workers} workers, {cfg.train.steps} steps) on {cfg.model.name}"
+
+    def train(self, cfg: JobConfig, data: str | Path, run_dir: Path, models: Models) -> TrainOutcome:
+        """One `fit`, then its checkpoint's prompt as `<run_dir>/train/adapter`."""
+        self.echo(cluster.init_ray(cfg.ray, self.address, tuning=False))
+        fit = ray_train.fit(cfg, data, run_dir)
+        if fit.checkpoint_uri is None:
+            raise SoftpromptError(f"the Ray Train run {fit.name} reported no checkpoint; is there an eval split in {data}?")
+        out = Path(run_dir) / "train"
+        adapter = ray_train.export_adapter(cfg, models.get(), fit.checkpoint_uri, out)
+        outcome = TrainOutcome("ray-train", out, (adapter,), cfg, _history(adapter.parent), fit.summary())
+        outcome.write()
+        return outcome
+
+
+class RayTuneTrainer:
+    """A Ray Tune sweep over `tune.search_space`; its top `tune.top_k_ensemble` trials are the winners."""
+
+    def __init__(self, address: str | None = None, *, echo: Callable[[str], None] = print, progress: bool = True) -> None:
+        self.address, self.echo, self.progress = address, echo, progress
+
+    def describe(self, cfg: JobConfig) -> str:
+        """What the sweep will do."""
+        trials = max(1, cfg.tune.num_samples)
+        return f"tune ({trials} trial{'s' if trials != 1 else ''}, {cfg.ray.num_workers} Ray Train workers each) on {cfg.model.name}"
+
+    def train(self, cfg: JobConfig, data: str | Path, run_dir: Path, models: Models) -> TrainOutcome:
+        """The sweep, then each winner's prompt as `<run_dir>/train/winners/<rank>/adapter`, best first."""
+        self.echo(cluster.init_ray(cfg.ray, self.address, tuning=True))
+        sweep = tune.run(cfg, data, run_dir, progress=self.progress, echo=self.echo)
+        self.echo(sweep.table())
+        out = Path(run_dir) / "train"
+        shutil.rmtree(out / WINNERS_DIR, ignore_errors=True)  # a rerun's ranking replaces the last one
+        adapters = []
+        for rank, trial in enumerate(sweep.winners()):
+            assert trial.checkpoint_uri is not None  # winners() keeps trials with a checkpoint only
+            folder = out / WINNERS_DIR / f"{rank:02d}"
+            adapters.append(ray_train.export_adapter(with_values(cfg, trial.params), models.get(), trial.checkpoint_uri, folder))
+            shutil.rmtree(folder / checkpoint.CHECKPOINT_DIR, ignore_errors=True)  # Ray's storage keeps the checkpoints
+        best = sweep.best
+        summary: dict[str, Any] = {"steps": best.steps, "best_eval_metric": best.best_metric, "workers": best.workers,
+                                   "tune": sweep.summary()}
+        outcome = TrainOutcome("ray-tune", out, tuple(adapters), with_values(cfg, best.params), _history(adapters[0].parent), summary)
+        outcome.write()
+        return outcome
+
+
+def _history(folder: Path) -> list[dict[str, Any]]:
+    path = folder / checkpoint.HISTORY_FILE
+    if not path.is_file():
+        return []
+    history: list[dict[str, Any]] = json.loads(path.read_text(encoding="utf-8"))
+    return history
