@@ -27,6 +27,7 @@ from softprompt import dataset as ds  # noqa: E402
 from softprompt import evaluate, ingest, train  # noqa: E402
 from softprompt.config import load_config  # noqa: E402
 from softprompt.modeling import load_model  # noqa: E402
+from softprompt.outcome import TrainOutcome  # noqa: E402
 
 
 def run_task(task: str, overrides: list[str], workdir: Path) -> dict[str, Any]:
@@ -37,7 +38,8 @@ def run_task(task: str, overrides: list[str], workdir: Path) -> dict[str, Any]:
     loaded = load_model(cfg.model)
     tr = train.run(cfg, loaded, ds.read_split(run_dir / "data", "train"), ds.read_split(run_dir / "data", "eval"), run_dir / "train", resume=False)
     t1 = time.perf_counter()
-    ev = evaluate.run(cfg, loaded, run_dir / "data", [tr.adapter_dir], run_dir / "artifact", history=tr.history)
+    outcome = TrainOutcome("in-process", tr.output_dir, (tr.adapter_dir,), cfg, tr.history, tr.summary())
+    ev = evaluate.run(cfg, loaded, run_dir / "data", outcome, run_dir / "artifact")
     t2 = time.perf_counter()
     res = {name: {"accuracy": round(m.accuracy * 100, 1), "macro_f1": round(m.macro_f1 * 100, 1), "ece": m.ece} for name, m in ev.results.items()}
     best_base = max(res[b]["accuracy"] for b in ("zero_shot", "few_shot") if b in res)

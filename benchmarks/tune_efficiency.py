@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from softprompt import dataset as ds  # noqa: E402
 from softprompt import ingest  # noqa: E402
-from softprompt.config import JobConfig, load_config  # noqa: E402
+from softprompt.config import JobConfig, load_config, with_values  # noqa: E402
 from softprompt.ray import cluster, tune  # noqa: E402
+from softprompt.ray.train import export_adapter  # noqa: E402
 
 # Every trial is scored on the same eval rows, drawn with data.split_seed. Results files without
 # this key come from before that fix (each trial drew its rows with its own train.seed): not reusable.
@@ -99,12 +100,15 @@ def main() -> int:
     for scheduler in early if reused is not None else [*early, "none"]:
         sweep_cfg = _config(args, out, f"tune.scheduler={scheduler}", f"run_name={scheduler}")
         t0 = time.perf_counter()
-        result = tune.run(sweep_cfg, out / "data", out / scheduler, loaded=loaded, progress=True)
+        result = tune.run(sweep_cfg, out / "data", out / scheduler, progress=True)
         seconds = time.perf_counter() - t0
         print(result.table())
+        best = result.best
+        assert best.checkpoint_uri is not None
+        winner = export_adapter(with_values(sweep_cfg, best.params), loaded, best.checkpoint_uri, out / scheduler / "winner")
         rows[scheduler] = {
-            "best_eval_accuracy": result.best.best_metric, "best_trial": result.best.trial_id, "best_params": result.best.params,
-            "test_accuracy": _test_accuracy(sweep_cfg, loaded, out / "data", result.adapter_dirs[0]),
+            "best_eval_accuracy": best.best_metric, "best_trial": best.trial_id, "best_params": best.params,
+            "test_accuracy": _test_accuracy(sweep_cfg, loaded, out / "data", winner),
             "total_steps": result.total_steps, "seconds": round(seconds, 1),
             "by_status": result.summary()["by_status"], "scheduler": scheduler,
         }

@@ -118,6 +118,7 @@ def run(
         published = publish(open_registry(cfg), result.artifact_dir)
         (folder / PUBLISH_RESULT).write_text(json.dumps(asdict(published), indent=1), encoding="utf-8")
         echo(published.message)
+        echo(f"published: {published.uri}")
     return JobResult(folder, data, outcome, result, published)
 
 

@@ -22,6 +22,7 @@ from softprompt.dataset import read_split
 from softprompt.modeling import load_model
 from softprompt.prompts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from softprompt.ray import train as distributed
+from softprompt.ray.storage import download_checkpoint
 
 if TYPE_CHECKING:
     from conftest import TinyTask
@@ -107,7 +108,7 @@ def test_worker_killed_mid_run_resumes_to_the_same_final_prompt(s3_run: dict[str
     assert resumed.metrics["step"] == cfg.train.steps
     # The killed run started a second worker group: four workers in all.
     assert len(list_actors(address=_state_api(), filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)) - workers_before == 4
-    reference = distributed.download_checkpoint(s3_run["result"].checkpoint_uri, tmp_path / "reference", s3_run["cfg"].ray)
+    reference = download_checkpoint(s3_run["result"].checkpoint_uri, tmp_path / "reference", s3_run["cfg"].s3)
     ref = load_file(str(reference / "state.safetensors"))
     got = load_file(str(Path(resumed.checkpoint_uri) / "state.safetensors"))
     # The second worker group went on from a checkpoint (step 5 or later), not from step 0.

@@ -158,6 +158,7 @@ def test_the_pipeline_tune_step_runs_on_a_ray_cluster_through_the_jobs_api(
     from ray.job_submission import JobSubmissionClient
 
     from softprompt.kubeflow import rayjob, steps
+    from softprompt.outcome import TrainOutcome
 
     config = tmp_path / "tune.yaml"
     steps.write_config(tiny_task.config("tune.num_samples=2", "tune.scheduler=none", "tune.top_k_ensemble=2", "ray.num_workers=1",
@@ -165,10 +166,11 @@ def test_the_pipeline_tune_step_runs_on_a_ray_cluster_through_the_jobs_api(
     args = dict(launcher="ray-jobs", ray_address=ray_head, run_id="run-42", scratch_uri=str(tmp_path / "scratch"))
     out = steps.tune(config, tiny_task.data_dir, tmp_path / "winners", **args)
 
-    assert out["launcher"] == "ray-jobs" and out["ray_job_status"] == "SUCCEEDED" and out["adapters"] == 2
+    assert out["launcher"] == "ray-jobs" and out["ray_job_status"] == "SUCCEEDED" and out["winners"] == 2
     assert out["ray_job"] == rayjob.job_name("run-42")
-    assert [p.parent.name for p in steps.ranked_adapters(tmp_path / "winners")] == ["00", "01"]
-    assert all((p / "adapter_model.safetensors").is_file() for p in steps.ranked_adapters(tmp_path / "winners"))
+    outcome = TrainOutcome.read(tmp_path / "winners")
+    assert [p.parent.name for p in outcome.winners] == ["00", "01"] and outcome.trainer == "ray-tune"
+    assert all((p / "adapter_model.safetensors").is_file() for p in outcome.winners)
     logs = capsys.readouterr().out
     assert "tune: 2 trial(s)" in logs  # the job's driver log, surfaced in the step's log
 

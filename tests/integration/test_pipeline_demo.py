@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from softprompt.cli import main
+from softprompt.outcome import TrainOutcome
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,9 +38,9 @@ def test_the_demo_config_runs_through_the_local_pipeline_in_under_ten_minutes(
     assert seconds < LIMIT_S, f"the demo pipeline took {seconds:.0f}s (limit {LIMIT_S}s)"
 
     (run_dir,) = root.iterdir()
-    tuned = json.loads((run_dir / "tune" / "executor_output.json").read_text())["artifacts"]["adapter"]["artifacts"][0]
-    ranking = json.loads((Path(tuned["uri"]) / "ranking.json").read_text())
-    assert ranking["command"] == "tune" and sum(ranking["tune"]["by_status"].values()) == 4  # the demo's 4 trials
+    tuned = json.loads((run_dir / "tune" / "executor_output.json").read_text())["artifacts"]["winners"]["artifacts"][0]
+    outcome = TrainOutcome.read(tuned["uri"])
+    assert outcome.trainer == "ray-tune" and sum(outcome.summary["tune"]["by_status"].values()) == 4  # the demo's 4 trials
     metrics = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert metrics["tuned_accuracy"] > max(metrics["zero_shot_accuracy"], metrics["few_shot_accuracy"]), metrics
     assert re.search(r"published version \w+ at \S+; the tuned prompt beats", out), out[-2000:]

@@ -20,6 +20,7 @@ import yaml
 
 from softprompt.cli import main
 from softprompt.config import load_config
+from softprompt.outcome import TrainOutcome
 from softprompt.registry import REQUIRED_FILES
 from softprompt.testing import build_tiny_model
 
@@ -84,17 +85,19 @@ def test_local_pipeline_end_to_end(demo_config: Path, tmp_path: Path, capsys: py
     assert {"train.parquet", "eval.parquet", "test.parquet", "dataset_manifest.json"} <= {p.name for p in Path(dataset["uri"]).iterdir()}
     assert dataset["metadata"]["counts"] == {"train": 32, "eval": 8, "test": 21}
 
-    tuned = _artifact(run_dir, "tune", "adapter")
-    winners = Path(tuned["uri"])
-    assert json.loads((winners / "ranking.json").read_text())["adapters"] == ["00"]
-    assert (winners / "00" / "adapter" / "adapter_model.safetensors").is_file() and (winners / "00" / "train_history.json").is_file()
-    assert not any(p.name == "checkpoint" for p in winners.rglob("*"))
-    assert tuned["metadata"]["launcher"] == "local" and tuned["metadata"]["adapters"] == 1
-    assert load_config(winners / "config.yaml").train == resolved.train  # one trial: the configured values
+    tuned = _artifact(run_dir, "tune", "winners")
+    winners = TrainOutcome.read(tuned["uri"])
+    assert [p.relative_to(tuned["uri"]).as_posix() for p in winners.winners] == ["winners/00/adapter"]
+    assert (winners.winners[0] / "adapter_model.safetensors").is_file() and (winners.winners[0].parent / "train_history.json").is_file()
+    assert not any(p.name == "checkpoint" for p in Path(tuned["uri"]).rglob("*"))
+    assert tuned["metadata"]["launcher"] == "local" and tuned["metadata"]["winners"] == 1
+    assert winners.config.train == resolved.train  # one trial: the configured values
 
-    candidate = _artifact(run_dir, "evaluate", "candidate")
-    assert set(REQUIRED_FILES) <= {p.name for p in Path(candidate["uri"]).iterdir()}
-    metrics = json.loads((Path(candidate["uri"]) / "metrics.json").read_text())
+    artifact = _artifact(run_dir, "evaluate", "artifact")
+    assert set(REQUIRED_FILES) <= {p.name for p in Path(artifact["uri"]).iterdir()}
+    metrics = json.loads((Path(artifact["uri"]) / "metrics.json").read_text())
+    manifest = json.loads((Path(artifact["uri"]) / "run_manifest.json").read_text())
+    assert manifest["train"]["steps"] == resolved.train.steps and manifest["train"]["tune"]["trials"] == 1  # the real train summary
     scalars = _artifact(run_dir, "evaluate", "metrics")["metadata"]
     assert scalars == {f"{m}_{k}": pytest.approx(metrics[m][k]) for m in ("tuned", "zero_shot", "few_shot") for k in ("accuracy", "macro_f1")}
     matrix = _artifact(run_dir, "evaluate", "confusion")["metadata"]["confusionMatrix"]

@@ -18,6 +18,7 @@ from softprompt import evaluate, ingest, train
 from softprompt.cli import main
 from softprompt.config import load_config
 from softprompt.modeling import load_model
+from softprompt.outcome import TrainOutcome
 from softprompt.registry import Gate, promote, publish
 from softprompt.registry.store import LocalStore, S3Store
 from softprompt.testing import build_tiny_model
@@ -59,7 +60,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     for name, n, seed in (("short", 4, 1), ("long", 8, 2)):
         run_cfg = load_config(DEMO_CONFIG, [*overrides, f"prompt.num_virtual_tokens={n}", f"train.seed={seed}"])
         tr = train.run(run_cfg, loaded, ds.read_split(data, "train"), ds.read_split(data, "eval"), root / name / "train")
-        folders.append(evaluate.run(run_cfg, loaded, data, [tr.adapter_dir], root / name / "artifact").artifact_dir)
+        outcome = TrainOutcome("in-process", tr.output_dir, (tr.adapter_dir,), run_cfg, tr.history, tr.summary())
+        folders.append(evaluate.run(run_cfg, loaded, data, outcome, root / name / "artifact").artifact_dir)
     manifest = json.loads((folders[0] / "run_manifest.json").read_text())
     return Trained(folders[0], folders[1], cfg.task.name, manifest["base_model"]["name"].lower())
 
@@ -96,7 +98,7 @@ def test_predict_resolves_champion_and_versions_on_s3(
     assert short.version != long.version and (short.task, short.base_model) == (long.task, long.base_model)
     promote(store, short.task, short.base_model, short.version)
     prefix = f"s3://{s3_bucket}/registry/{short.task}/{short.base_model}"
-    endpoint = ["--endpoint-url", s3_endpoint]
+    endpoint = ["--s3-endpoint", s3_endpoint]
 
     local_short = _predict(capsys, inputs, "--artifact", f"a={trained.short}")
     local_long = _predict(capsys, inputs, "--artifact", f"a={trained.long}")
@@ -132,7 +134,7 @@ def test_predict_explains_a_missing_champion_or_version(
         ("0123456789abcdef", f"published versions: {pub.version}"),
         ("latest", "not a registry version id"),
     ):
-        assert main(["predict", "--input", str(inputs), "--artifact", f"{prefix}/{ref}", "--endpoint-url", s3_endpoint]) == 2
+        assert main(["predict", "--input", str(inputs), "--artifact", f"{prefix}/{ref}", "--s3-endpoint", s3_endpoint]) == 2
         err = capsys.readouterr().err
         assert fragment in err and "Traceback" not in err, err
     assert main(["predict", "--input", str(inputs), "--artifact", str(inputs.parent / "nowhere" / "champion")]) == 2

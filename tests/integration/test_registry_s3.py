@@ -388,9 +388,9 @@ def test_cli_round_trip(store: ArtifactStore, tmp_path: Path, capsys: pytest.Cap
     parser = argparse.ArgumentParser(prog="softprompt")
     registry_cli.add_commands(parser.add_subparsers(dest="command", required=True))
     if isinstance(store, S3Store):
-        where = ["--store", f"s3://{store.bucket}/{store.prefix}", "--endpoint-url", str(store.endpoint_url)]
+        where = ["--registry", f"s3://{store.bucket}/{store.prefix}", "--s3-endpoint", str(store.endpoint_url)]
     else:
-        where = ["--store", str(store.uri())]
+        where = ["--registry", str(store.uri())]
 
     def run(*argv: str) -> tuple[int, str]:
         args = parser.parse_args([*argv, *where])

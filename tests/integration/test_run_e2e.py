@@ -75,7 +75,7 @@ def test_run_publish_predict(tiny_dir: Path, tmp_path: Path, capsys: pytest.Capt
     assert _files(run_dir / "data") == {"train.parquet", "eval.parquet", "test.parquet", "dataset_manifest.json", "rejects.jsonl"}
     assert _files(run_dir / "train") == {
         "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md",
-        "checkpoint/state.json", "checkpoint/state.safetensors", "train_history.json",
+        "checkpoint/state.json", "checkpoint/state.safetensors", "train_history.json", "train_result.json",
     }
     assert _files(run_dir / "artifact") == ARTIFACT_FILES
 
@@ -91,7 +91,7 @@ def test_run_publish_predict(tiny_dir: Path, tmp_path: Path, capsys: pytest.Capt
     assert manifest["train"]["steps"] == 6 and manifest["base_model"]["weights_sha256"]
 
     # Publishing the same run again is a no-op that says so.
-    assert main(["publish", str(run_dir / "artifact"), "--store", str(work / "registry")]) == 0
+    assert main(["publish", str(run_dir / "artifact"), "--registry", str(work / "registry")]) == 0
     assert "already exists" in capsys.readouterr().out
     assert _files(published) == ARTIFACT_FILES | {"MANIFEST.json"}
 

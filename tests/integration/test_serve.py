@@ -71,8 +71,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def table(artifacts: dict[str, Path]) -> predict.PromptTable:
-    table, _ = serve.load_table([f"{n}={p}" for n, p in artifacts.items()])
-    return table
+    return predict.load_prompts(predict.resolve_prompts([f"{n}={p}" for n, p in artifacts.items()]))
 
 
 @pytest.fixture(scope="module")
@@ -194,15 +193,15 @@ def test_one_loaded_prompt_needs_no_name_and_configs_are_validated() -> None:
 
 def test_prompts_of_another_base_model_or_twice_the_same_name_are_refused(artifacts: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\['intent'\] are given twice"):
-        serve.load_table([str(artifacts["intent"]), f"intent={artifacts['urgency']}"])
+        predict.resolve_prompts([str(artifacts["intent"]), f"intent={artifacts['urgency']}"])
     other = tmp_path / "other"
     other.mkdir()
     for f in artifacts["urgency"].iterdir():
         (other / f.name).write_bytes(f.read_bytes())
     manifest = json.loads((other / "run_manifest.json").read_text())
     (other / "run_manifest.json").write_text(json.dumps({**manifest, "base_model": {"name": "big", "weights_sha256": "cd" * 32}}))
-    with pytest.raises(ConfigError, match=r"\['other'\] were trained on another base model.*one server per base model"):
-        serve.load_table([str(artifacts["intent"]), f"other={other}"])
+    with pytest.raises(ConfigError, match=r"\['other'\] were trained on another base model.*each base model's prompts separately"):
+        predict.load_prompts(predict.resolve_prompts([str(artifacts["intent"]), f"other={other}"]))
 
 
 def test_sigterm_stops_gracefully_after_answering_requests_in_flight(table: predict.PromptTable) -> None:

@@ -1,6 +1,7 @@
 """Ray Tune on a real local Ray, every trial a two-worker Ray Train run: trials side by side with the
-top-k prompts exported for an ensemble; ASHA stopping a trial while the next one still starts; and a
-stopped driver resumed by `Tuner.restore` without redoing finished trials."""
+top-k prompts exported for an ensemble (the RayTuneTrainer's train_result.json); ASHA stopping a
+trial while the next one still starts; and a stopped driver resumed by `Tuner.restore` without
+redoing finished trials."""
 
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ import pytest
 
 from softprompt.config import load_config
 from softprompt.errors import ConfigError
+from softprompt.job import Models
+from softprompt.outcome import TrainOutcome
 from softprompt.prompts import ADAPTER_WEIGHTS
 from softprompt.ray import tune
+from softprompt.ray.trainers import RayTuneTrainer
+from softprompt.ray.view import LiveView
 
 if TYPE_CHECKING:
     from conftest import TinyTask
@@ -49,7 +54,7 @@ def test_the_search_space_is_checked_before_any_trial_runs() -> None:
 
 
 def test_a_restored_live_view_times_the_new_driver() -> None:
-    view = tune.LiveView("accuracy", 2, 12)
+    view = LiveView("accuracy", 2, 12)
     view.started -= 10_000  # as if pickled by a driver that started long ago (or in another process)
     restored = pickle.loads(pickle.dumps(view))
     assert 0 <= time.monotonic() - restored.started < 60
@@ -65,17 +70,20 @@ def test_two_trials_of_two_workers_run_side_by_side(
     )
     assert tune.max_concurrent_trials(cfg) == 2  # 5 CPUs // (2 workers x 1 CPU + a trial's 0.01)
 
-    result = tune.run(cfg, tiny_task.data_dir, tmp_path / "run")
+    outcome = RayTuneTrainer(echo=print).train(cfg, tiny_task.data_dir, tmp_path / "run", Models(cfg))
+    sweep = outcome.summary["tune"]
+    trials = sweep["all"]
 
-    assert [t.status for t in result.trials] == ["finished", "finished"]
-    assert [t.workers for t in result.trials] == [2, 2]
-    assert result.total_steps == 2 * cfg.train.steps
-    assert result.trials[0].best_metric >= result.trials[1].best_metric
+    assert [t["status"] for t in trials] == ["finished", "finished"]
+    assert [t["workers"] for t in trials] == [2, 2]
+    assert sweep["total_steps"] == 2 * cfg.train.steps
+    assert trials[0]["best_metric"] >= trials[1]["best_metric"]
     # The top-2 trials' prompts, best first, exported from their last reported checkpoints.
-    assert [d.parent.name for d in result.adapter_dirs] == [t.trial_id for t in result.trials]
-    assert all((d / ADAPTER_WEIGHTS).is_file() for d in result.adapter_dirs)
-    assert result.best_config.train.lr == result.best.params["train.lr"]
-    assert (tmp_path / "run" / "tune" / "tune_result.json").is_file()
+    assert sweep["winners"] == [t["trial_id"] for t in trials]
+    assert outcome.winners == tuple(tmp_path / "run" / "train" / "winners" / f"{i:02d}" / "adapter" for i in range(2))
+    assert all((d / ADAPTER_WEIGHTS).is_file() for d in outcome.winners)
+    assert outcome.config.train.lr == trials[0]["params"]["train.lr"]
+    assert TrainOutcome.read(tmp_path / "run" / "train") == outcome
     captured = capsys.readouterr()
     out = captured.out
     assert "started" in out and "finished at step 12" in out and "best accuracy" in out
@@ -115,7 +123,7 @@ def test_asha_stops_a_trial_the_next_starts_and_a_stopped_driver_resumes(
     assert by_id["00001"].steps == 4  # stopped by ASHA at its first rung
     assert by_id["00002"].steps >= 4
     assert result.best.trial_id == by_id["00000"].trial_id
-    assert len(result.adapter_dirs) == 2
+    assert len(result.winners()) == 2
     # The restored driver ran only the unfinished trial.
     assert "resuming the sweep" in second
     started = [line for line in second.splitlines() if " started (" in line]
@@ -181,13 +189,14 @@ def test_optuna_proposes_trials_from_the_space_and_the_best_is_kept(tiny_task: T
         "tune.num_samples=3", "tune.search=optuna", "tune.scheduler=none", "tune.top_k_ensemble=1", "tune.seed=3", "ray.num_workers=1",
         "train.steps=4", f"tune.search_space={{train.lr: {{type: choice, values: [{GOOD}, {BAD:.5f}]}}, prompt.num_virtual_tokens: {{type: int, low: 2, high: 6}}}}",
     )
-    result = tune.run(cfg, tiny_task.data_dir, tmp_path / "run")
+    outcome = RayTuneTrainer(echo=print).train(cfg, tiny_task.data_dir, tmp_path / "run", Models(cfg))
+    result = tune.TuneResult("", "accuracy", [tune.TrialSummary(**t) for t in outcome.summary["tune"]["all"]])
 
     assert [t.status for t in result.trials] == ["finished"] * 3
     for t in result.trials:
         assert t.params["train.lr"] in (GOOD, BAD) and 2 <= t.params["prompt.num_virtual_tokens"] <= 6
     assert result.best.best_metric == max(t.best_metric for t in result.trials)
-    assert result.best_config.prompt.num_virtual_tokens == result.best.params["prompt.num_virtual_tokens"]
+    assert outcome.config.prompt.num_virtual_tokens == result.best.params["prompt.num_virtual_tokens"]
 
 
 def _interrupted_tune_driver(overrides: list[str], data_dir: Path, run_dir: Path, stop_at: str) -> tuple[int, str]:
