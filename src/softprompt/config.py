@@ -408,6 +408,30 @@ def config_from_dict(raw: dict[str, Any]) -> JobConfig:
     return cfg
 
 
+def recorded_config(raw: dict[str, Any]) -> JobConfig:
+    """A configuration recorded by any release (a run manifest's `config`), renamed keys carried over
+    to their new names: what a person writes must use the new names, what a published artifact
+    recorded stays readable."""
+    return config_from_dict(upgrade(raw))
+
+
+def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a plain config with keys of earlier releases (`RENAMED`) moved to their new names;
+    a new key that is already set wins."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for old, new in RENAMED.items():
+        old_section, _, old_key = old.partition(".")
+        section = out.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        value = section.pop(old_key)
+        new_section, _, new_key = new.partition(".")
+        target = out.setdefault(new_section, {})
+        if isinstance(target, dict) and target.get(new_key) is None and value is not None:
+            target[new_key] = value
+    return out
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The configuration as plain data (the resolved config recorded in manifests)."""
     return dataclasses.asdict(cfg)

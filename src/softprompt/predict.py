@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from softprompt.config import JobConfig, config_from_dict
+from softprompt.config import JobConfig, recorded_config
 from softprompt.engine import Prefix, body_and_head, greedy_generate, input_hidden, label_scores, make_batch
 from softprompt.errors import ConfigError, DataError, ModelError
 from softprompt.modeling import LoadedModel
@@ -322,7 +322,7 @@ def artifact_config(folder: Path) -> JobConfig:
     for candidate in (folder / "run_manifest.json", folder.parent / "run_manifest.json"):
         if candidate.is_file():
             manifest = json.loads(candidate.read_text(encoding="utf-8"))
-            return config_from_dict(manifest["config"])
+            return recorded_config(manifest["config"])
     raise ModelError(f"{folder} has no run_manifest.json with the task's config; predict needs a published artifact folder")
 
 
