@@ -1,9 +1,9 @@
 # syntax=docker/dockerfile:1
 # One image for every step: the KFP components, the RayJob submitter, the Ray head and the GPU
 # workers all run it, so a pipeline run and its Ray cluster can never disagree on versions.
-#   docker build -t REGISTRY/softprompt:0.1.0 .
-#   docker build --build-arg WITH_MODEL=1 -t REGISTRY/softprompt:0.1.0-smollm2 .   # embeds a demo model
-#   docker run --rm REGISTRY/softprompt:0.1.0 --help
+#   docker build -t REGISTRY/softprompt:0.2.0 .
+#   docker build --build-arg WITH_MODEL=1 -t REGISTRY/softprompt:0.2.0-smollm2 .   # embeds a demo model
+#   docker run --rm REGISTRY/softprompt:0.2.0 --help
 # KubeRay replaces the entrypoint with its own `ray start` command; KFP components call the CLI.
 
 # CUDA 12.8 runtime with cuDNN 9 and PyTorch preinstalled (PyTorch satisfies torch>=2.4, so pip
@@ -15,7 +15,7 @@ FROM ${PYTORCH_IMAGE}
 
 # Versions are build args so a release can bump them in one place; defaults match pyproject.toml
 # (ray must also match rayVersion in infra/kuberay/*.yaml).
-ARG SOFTPROMPT_VERSION=0.1.0
+ARG SOFTPROMPT_VERSION=0.2.0
 ARG RAY_VERSION=2.60.0
 ARG KFP_VERSION=2.17.3
 ARG KUBERNETES_VERSION=30.1.0

@@ -1,6 +1,6 @@
 """`softprompt pipeline compile` as a script:
 
-    python pipelines/compile.py --output softprompt_pipeline.yaml [--image REGISTRY/softprompt:0.1.0]
+    python pipelines/compile.py --output softprompt_pipeline.yaml [--image REGISTRY/softprompt:0.2.0]
 
 All options: `python pipelines/compile.py --help`. The logic is in `softprompt.kubeflow`.
 """

@@ -1,3 +1,3 @@
 """softprompt: adapt frozen open-weight LLMs to your tasks with soft prompts."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

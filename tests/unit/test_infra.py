@@ -134,7 +134,7 @@ def test_ray_pods_run_our_image_with_s3_credentials_from_the_secret() -> None:
     for spec in _ray_cluster_specs():
         for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
             (container,) = group["template"]["spec"]["containers"]
-            assert container["image"] == f"{IMAGE}:0.1.0"
+            assert container["image"] == f"{IMAGE}:0.2.0"
             refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]}
             assert refs == {"AWS_ACCESS_KEY_ID": "softprompt-s3", "AWS_SECRET_ACCESS_KEY": "softprompt-s3"}
 

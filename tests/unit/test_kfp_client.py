@@ -164,7 +164,7 @@ def test_submit_uploads_a_new_version_and_starts_a_run(kfp_api: tuple[str, FakeK
     assert all(r.headers.get("authorization") == "Bearer secret-token" for r in fake.requests)
     create_pipeline, upload = fake.requests[2], fake.requests[3]
     assert create_pipeline.json()["display_name"] == "softprompt"
-    assert upload.query["pipelineid"] == "pipe-1" and upload.query["name"].startswith("0.1.0-")
+    assert upload.query["pipelineid"] == "pipe-1" and upload.query["name"].startswith("0.2.0-")
     assert fake.requests[5].json()["display_name"] == "nightly"
     run = fake.requests[-1].json()
     assert run["experiment_id"] == "exp-1" and run["display_name"] == "nightly test"
