@@ -1,20 +1,21 @@
 """One self-contained HTML page comparing a tuned soft prompt with its baselines.
 
-The page has inline CSS and inline SVG charts drawn here, and no scripts, fonts or links to other
-servers, so it can be attached to a model card, mailed, or opened offline years later. Every
-string that comes from a user (title, labels, task, config values, notes) is HTML-escaped.
+The page has inline CSS and inline SVG charts (drawn by `softprompt.charts`), and no scripts,
+fonts or links to other servers, so it can be attached to a model card, mailed, or opened offline
+years later. Every string that comes from a user (title, labels, task, config values, notes) is
+HTML-escaped.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from softprompt.charts import BarSeries, bar_chart, escape, heatmap, line_chart, percent
 from softprompt.metrics import ClassificationMetrics
 
 PRIMARY_METRICS = ("accuracy", "macro_f1")
@@ -111,7 +112,7 @@ def render_report(inputs: ReportInputs) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{_e(inputs.title)}</title>\n<style>{_CSS}</style>\n</head>\n"
+        f"<title>{escape(inputs.title)}</title>\n<style>{_CSS}</style>\n</head>\n"
         f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n"
     )
 
@@ -140,9 +141,9 @@ def _headline(inputs: ReportInputs, methods: list[str]) -> str:
     metric = inputs.primary_metric
     focus = methods[0]
     base = _lookup(inputs.manifest, _BASE_MODEL_KEYS)
-    facts = [f"Task <b>{_e(inputs.task)}</b>", f"{len(inputs.labels)} labels"]
+    facts = [f"Task <b>{escape(inputs.task)}</b>", f"{len(inputs.labels)} labels"]
     if base is not None:
-        facts.append(f"base model <b>{_e(_short(base))}</b>")
+        facts.append(f"base model <b>{escape(_short(base))}</b>")
     facts.append(f"{inputs.results[focus].n} test examples")
     tiles = []
     for method in methods:
@@ -150,15 +151,15 @@ def _headline(inputs: ReportInputs, methods: list[str]) -> str:
         delta = ""
         if method != focus:
             diff = 100 * (_score(inputs.results[focus], metric) - value)
-            delta = f'<div class="delta">{_e(_method_name(focus))} {diff:+.1f} pts</div>'
+            delta = f'<div class="delta">{escape(_method_name(focus))} {diff:+.1f} pts</div>'
         tiles.append(
             f'<div class="tile" style="border-color:{_color(method)}">'
-            f'<div class="tile-name">{_e(_method_name(method))}</div>'
-            f'<div class="tile-value">{_pct(value)}</div>{delta}</div>'
+            f'<div class="tile-name">{escape(_method_name(method))}</div>'
+            f'<div class="tile-value">{percent(value)}</div>{delta}</div>'
         )
     return (
-        f'<header><h1>{_e(inputs.title)}</h1><p class="facts">{" · ".join(facts)}</p>'
-        f'<p class="verdict">{_e(inputs.verdict)}</p>'
+        f'<header><h1>{escape(inputs.title)}</h1><p class="facts">{" · ".join(facts)}</p>'
+        f'<p class="verdict">{escape(inputs.verdict)}</p>'
         f'<p class="muted">Primary metric: {_METRIC_NAMES[metric]}</p>'
         f'<div class="tiles">{"".join(tiles)}</div></header>'
     )
@@ -176,23 +177,33 @@ def _comparison(inputs: ReportInputs, methods: list[str]) -> str:
             else f"{100 * (_score(inputs.results[focus], metric) - _score(m, metric)):+.1f}"
         )
         rows.append(
-            f"<tr><th>{_swatch(method)}{_e(_method_name(method))}</th><td>{m.n}</td>"
-            f"<td>{_pct(m.accuracy)}</td><td>{_pct(m.macro_f1)}</td><td>{_num(m.ece)}</td><td>{diff}</td></tr>"
+            f"<tr><th>{_swatch(method)}{escape(_method_name(method))}</th><td>{m.n}</td>"
+            f"<td>{percent(m.accuracy)}</td><td>{percent(m.macro_f1)}</td><td>{_num(m.ece)}</td><td>{diff}</td></tr>"
         )
     table = (
         "<table><thead><tr><th>Method</th><th>n</th><th>Accuracy</th><th>Macro-F1</th><th>ECE</th>"
-        f"<th>{_e(_method_name(focus))} lead ({_METRIC_NAMES[metric]}, pts)</th></tr></thead>"
+        f"<th>{escape(_method_name(focus))} lead ({_METRIC_NAMES[metric]}, pts)</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
     return f"<section><h2>Baseline comparison</h2>{table}{_bar_chart(inputs.results, methods)}</section>"
 
 
+def _bar_chart(results: Mapping[str, ClassificationMetrics], methods: list[str]) -> str:
+    """Grouped bars: one group per primary metric, one bar per method."""
+    series = [
+        BarSeries(_method_name(m), _color(m), [_score(results[m], key) for key in PRIMARY_METRICS])
+        for m in methods
+    ]
+    groups = [_METRIC_NAMES[key] for key in PRIMARY_METRICS]
+    return bar_chart(groups, series, "Accuracy and macro-F1 per method")
+
+
 def _confusion(inputs: ReportInputs, method: str) -> str:
     m = inputs.results[method]
     return (
-        f"<section><h2>Confusion matrix · {_e(_method_name(method))}</h2>"
+        f"<section><h2>Confusion matrix · {escape(_method_name(method))}</h2>"
         '<p class="muted">Rows are true labels, columns predicted labels; shading is the share of the '
-        f"row, numbers are counts.</p>{_heatmap(m.confusion, m.labels)}</section>"
+        f"row, numbers are counts.</p>{heatmap(m.confusion, m.labels)}</section>"
     )
 
 
@@ -200,17 +211,17 @@ def _per_class(inputs: ReportInputs, methods: list[str]) -> str:
     focus, others = methods[0], methods[1:]
     head = (
         "<tr><th>Label</th><th>Support</th>"
-        + "".join(f"<th>{_e(_method_name(focus))} {name}</th>" for name in ("precision", "recall", "F1"))
-        + "".join(f"<th>{_e(_method_name(o))} F1</th>" for o in others)
+        + "".join(f"<th>{escape(_method_name(focus))} {name}</th>" for name in ("precision", "recall", "F1"))
+        + "".join(f"<th>{escape(_method_name(o))} F1</th>" for o in others)
         + "</tr>"
     )
     rows = []
     for label in inputs.labels:
         row = inputs.results[focus].per_class[label]
         cells = [f"<td>{int(row['support'])}</td>"]
-        cells += [f"<td>{_pct(row[key])}</td>" for key in ("precision", "recall", "f1")]
-        cells += [f"<td>{_pct(inputs.results[o].per_class[label]['f1'])}</td>" for o in others]
-        rows.append(f"<tr><th>{_e(label)}</th>{''.join(cells)}</tr>")
+        cells += [f"<td>{percent(row[key])}</td>" for key in ("precision", "recall", "f1")]
+        cells += [f"<td>{percent(inputs.results[o].per_class[label]['f1'])}</td>" for o in others]
+        rows.append(f"<tr><th>{escape(label)}</th>{''.join(cells)}</tr>")
     return (
         '<section><h2>Per-class scores</h2><p class="muted">A class never predicted has precision 0; '
         "a class with no test examples has recall 0.</p>"
@@ -233,7 +244,7 @@ def _calibration(inputs: ReportInputs, methods: list[str]) -> str:
                 else f'<div class="hbar" style="width:{100 * ece / top:.1f}%;background:{_color(method)}"></div>'
             )
             rows.append(
-                f"<tr><th>{_e(_method_name(method))}</th><td>{_num(ece)}</td>"
+                f"<tr><th>{escape(_method_name(method))}</th><td>{_num(ece)}</td>"
                 f'<td class="barcell">{bar}</td></tr>'
             )
         body = (
@@ -252,15 +263,15 @@ def _slices(inputs: ReportInputs, methods: list[str]) -> str:
     values: list[str] = sorted({v for m in sliced for v in (inputs.results[m].slices or {})})
     head = (
         "<tr><th>Slice</th><th>n</th>"
-        + "".join(f"<th>{_e(_method_name(m))} accuracy</th>" for m in sliced)
+        + "".join(f"<th>{escape(_method_name(m))} accuracy</th>" for m in sliced)
         + "</tr>"
     )
     rows = []
     for value in values:
         stats = [(inputs.results[m].slices or {}).get(value) for m in sliced]
         n = next((int(s["n"]) for s in stats if s is not None), 0)
-        cells = "".join(f"<td>{'—' if s is None else _pct(s['accuracy'])}</td>" for s in stats)
-        rows.append(f"<tr><th>{_e(value)}</th><td>{n}</td>{cells}</tr>")
+        cells = "".join(f"<td>{'—' if s is None else percent(s['accuracy'])}</td>" for s in stats)
+        rows.append(f"<tr><th>{escape(value)}</th><td>{n}</td>{cells}</tr>")
     gaps = "".join(f"<td>{_pts(inputs.results[m].slice_gap)}</td>" for m in sliced)
     rows.append(f'<tr class="gap"><th>Gap (best − worst)</th><td></td>{gaps}</tr>')
     return (
@@ -278,18 +289,20 @@ def _training(history: Sequence[Mapping[str, Any]]) -> str:
     loss = _points(history, "train_loss")
     evals = _points(history, "eval_metric")
     charts = [
-        _line_chart(loss, "Training loss", _METHOD_COLORS["tuned"])
-        if loss
-        else _empty_chart("training loss"),
-        _line_chart(evals, "Eval metric", "#16a34a") if evals else _empty_chart("eval metric"),
+        line_chart(loss, "Training loss", _METHOD_COLORS["tuned"]) if loss else _empty_chart("training loss"),
+        line_chart(evals, "Eval metric", "#16a34a") if evals else _empty_chart("eval metric"),
     ]
     return f'<section><h2>Training curves</h2><div class="charts">{"".join(charts)}</div></section>'
+
+
+def _empty_chart(what: str) -> str:
+    return f'<p class="muted chart-empty">No {what} values in the training history.</p>'
 
 
 def _notes(notes: Sequence[str]) -> str:
     if not notes:
         return ""
-    items = "".join(f"<li>{_e(note)}</li>" for note in notes)
+    items = "".join(f"<li>{escape(note)}</li>" for note in notes)
     return f"<section><h2>Notes</h2><ul>{items}</ul></section>"
 
 
@@ -311,163 +324,19 @@ def _provenance(manifest: Mapping[str, Any]) -> str:
     ):
         value = _lookup(manifest, keys)
         shown = (
-            '<span class="warn">not recorded</span>' if value is None else f"<code>{_e(_short(value))}</code>"
+            '<span class="warn">not recorded</span>'
+            if value is None
+            else f"<code>{escape(_short(value))}</code>"
         )
         rows.append(f"<tr><th>{name}</th><td>{shown}</td></tr>")
     config = _lookup(manifest, _CONFIG_KEYS)
     blocks = []
     if config is not None:
-        blocks.append(f"<details><summary>Resolved config</summary><pre>{_e(_json(config))}</pre></details>")
-    blocks.append(f"<details><summary>Full manifest</summary><pre>{_e(_json(manifest))}</pre></details>")
+        blocks.append(
+            f"<details><summary>Resolved config</summary><pre>{escape(_json(config))}</pre></details>"
+        )
+    blocks.append(f"<details><summary>Full manifest</summary><pre>{escape(_json(manifest))}</pre></details>")
     return f"<section><h2>Provenance</h2><table><tbody>{''.join(rows)}</tbody></table>{''.join(blocks)}</section>"
-
-
-# ---------------------------------------------------------------------------------------------
-# SVG charts
-
-
-def _bar_chart(results: Mapping[str, ClassificationMetrics], methods: list[str]) -> str:
-    """Grouped bars: one group per metric, one bar per method, y from 0 to 100%."""
-    width, height, left, top, bottom = 560, 260, 48, 16, 56
-    plot_h = height - top - bottom
-    groups = [("Accuracy", "accuracy"), ("Macro-F1", "macro_f1")]
-    group_w = (width - left - 16) / len(groups)
-    bar_w = min(48.0, (group_w - 24) / len(methods))
-    parts = [_y_grid(left, top, width - 8, plot_h, [0, 0.25, 0.5, 0.75, 1.0], lambda v: f"{100 * v:.0f}%")]
-    for g, (title, key) in enumerate(groups):
-        x0 = left + g * group_w + (group_w - bar_w * len(methods)) / 2
-        for i, method in enumerate(methods):
-            value = min(max(_score(results[method], key), 0.0), 1.0)
-            x, h = x0 + i * bar_w, value * plot_h
-            y = top + plot_h - h
-            parts.append(
-                f'<rect x="{x + 2:.1f}" y="{y:.1f}" width="{bar_w - 4:.1f}" height="{h:.1f}" '
-                f'fill="{_color(method)}"><title>{_e(_method_name(method))} {title}: {_pct(value)}'
-                "</title></rect>"
-                f'<text x="{x + bar_w / 2:.1f}" y="{y - 4:.1f}" class="val">{100 * value:.1f}</text>'
-            )
-        parts.append(
-            f'<text x="{left + (g + 0.5) * group_w:.1f}" y="{top + plot_h + 18}" class="axis-title">{title}</text>'
-        )
-    legend_x = left
-    for method in methods:
-        name = _e(_method_name(method))
-        parts.append(
-            f'<rect x="{legend_x}" y="{height - 16}" width="10" height="10" fill="{_color(method)}"/>'
-            f'<text x="{legend_x + 14}" y="{height - 7}" class="legend">{name}</text>'
-        )
-        legend_x += 24 + 7 * len(_method_name(method))
-    return _svg(width, height, "Accuracy and macro-F1 per method", parts)
-
-
-def _heatmap(confusion: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
-    """Confusion matrix as a grid of cells shaded by row share, with counts and label names."""
-    k = len(labels)
-    cell = max(22.0, min(56.0, 420.0 / max(k, 1)))
-    names = [_clip(label, 18) for label in labels]
-    margin = 16 + 6.5 * max(len(n) for n in names)
-    left, top = margin + 20, margin + 20
-    # Column labels lean right at 45°, so leave room for the last one past the grid.
-    width, height = left + k * cell + 0.75 * margin, top + k * cell + 16
-    parts = [
-        f'<text x="{left + k * cell / 2:.1f}" y="14" class="axis-title">Predicted</text>',
-        f'<text x="14" y="{top + k * cell / 2:.1f}" class="axis-title" '
-        f'transform="rotate(-90 14 {top + k * cell / 2:.1f})">True</text>',
-    ]
-    for i in range(k):
-        y_mid = top + (i + 0.5) * cell
-        x_mid = left + (i + 0.5) * cell
-        parts.append(
-            f'<text x="{left - 6:.1f}" y="{y_mid + 4:.1f}" class="row-label">'
-            f"<title>{_e(labels[i])}</title>{_e(names[i])}</text>"
-            f'<text x="{x_mid:.1f}" y="{top - 6:.1f}" class="col-label" '
-            f'transform="rotate(-45 {x_mid:.1f} {top - 6:.1f})"><title>{_e(labels[i])}</title>{_e(names[i])}</text>'
-        )
-    for i, row in enumerate(confusion):
-        total = sum(row)
-        for j, count in enumerate(row):
-            share = count / total if total else 0.0
-            x, y = left + j * cell, top + i * cell
-            ink = "#ffffff" if share > 0.55 else "#111827"
-            edge = ' stroke="#111827" stroke-width="1.5"' if i == j else ' stroke="#ffffff"'
-            parts.append(
-                f'<rect x="{x:.1f}" y="{y:.1f}" width="{cell:.1f}" height="{cell:.1f}" '
-                f'fill="{_blend(share)}"{edge}><title>true {_e(labels[i])}, predicted {_e(labels[j])}: '
-                f"{count} ({_pct(share)} of row)</title></rect>"
-                f'<text x="{x + cell / 2:.1f}" y="{y + cell / 2 + 4:.1f}" class="count" style="fill:{ink}">{count}</text>'
-            )
-    return _svg(width, height, "Confusion matrix", parts)
-
-
-def _line_chart(points: list[tuple[float, float]], title: str, color: str) -> str:
-    """A line of (step, value) points with min/max-scaled axes."""
-    width, height, left, top, bottom, right = 420, 230, 56, 28, 36, 14
-    plot_w, plot_h = width - left - right, height - top - bottom
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x_lo, x_hi = _span(min(xs), max(xs))
-    y_lo, y_hi = _span(min(ys), max(ys))
-
-    def sx(x: float) -> float:
-        return left + (x - x_lo) / (x_hi - x_lo) * plot_w
-
-    def sy(y: float) -> float:
-        return top + plot_h - (y - y_lo) / (y_hi - y_lo) * plot_h
-
-    parts = [
-        f'<text x="{left}" y="16" class="chart-title">{_e(title)}</text>',
-        _y_grid(
-            left,
-            top,
-            width - right,
-            plot_h,
-            [t / 4 for t in range(5)],
-            lambda f: f"{y_lo + f * (y_hi - y_lo):.3g}",
-        ),
-    ]
-    for t in range(5):
-        step = x_lo + (x_hi - x_lo) * t / 4
-        parts.append(f'<text x="{sx(step):.1f}" y="{top + plot_h + 16}" class="tick-x">{step:.0f}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 2}" class="axis-title">step</text>')
-    line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-    parts.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"/>')
-    if len(points) <= 60:
-        parts += [
-            f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}">'
-            f"<title>step {x:.0f}: {y:.4g}</title></circle>"
-            for x, y in points
-        ]
-    return _svg(width, height, title, parts)
-
-
-def _empty_chart(what: str) -> str:
-    return f'<p class="muted chart-empty">No {what} values in the training history.</p>'
-
-
-def _y_grid(
-    left: float,
-    top: float,
-    right: float,
-    plot_h: float,
-    fractions: Sequence[float],
-    fmt: Callable[[float], str],
-) -> str:
-    """Horizontal grid lines at `fractions` of the plot height, labelled with fmt(fraction)."""
-    lines = []
-    for f in fractions:
-        y = top + plot_h - f * plot_h
-        lines.append(
-            f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" class="grid"/>'
-            f'<text x="{left - 6}" y="{y + 4:.1f}" class="tick-y">{_e(fmt(f))}</text>'
-        )
-    return "".join(lines)
-
-
-def _svg(width: float, height: float, label: str, parts: Sequence[str]) -> str:
-    # No xmlns: inline SVG in HTML5 does not need one, and the page stays free of URLs.
-    return (
-        f'<svg viewBox="0 0 {width:.0f} {height:.0f}" width="{width:.0f}" height="{height:.0f}" '
-        f'role="img" aria-label="{_e(label)}">{"".join(parts)}</svg>'
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,22 +376,6 @@ def _points(history: Sequence[Mapping[str, Any]], key: str) -> list[tuple[float,
     return sorted(points)
 
 
-def _span(lo: float, hi: float) -> tuple[float, float]:
-    """Axis range with a little headroom; a flat series gets a visible band around its value."""
-    if hi - lo < 1e-12:
-        pad = max(abs(lo) * 0.1, 0.5)
-        return lo - pad, hi + pad
-    pad = (hi - lo) * 0.05
-    return lo - pad, hi + pad
-
-
-def _blend(share: float) -> str:
-    """White-to-blue shade for a share in [0, 1]."""
-    lo, hi = (248, 250, 252), (29, 78, 216)
-    r, g, b = (round(a + (z - a) * min(max(share, 0.0), 1.0)) for a, z in zip(lo, hi, strict=True))
-    return f"#{r:02x}{g:02x}{b:02x}"
-
-
 def _lookup(mapping: Mapping[str, Any], keys: Sequence[str]) -> Any:
     for key in keys:
         node: Any = mapping
@@ -546,18 +399,6 @@ def _short(value: Any) -> str:
 
 def _json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
 
 
 def _pts(value: float | None) -> str:
