@@ -24,7 +24,7 @@ On Ray Tune that means:
   stopped: they end at their rung, and their best prompt so far is kept like any stopped trial's.
 
 - A trial's Train workers wait after each rung report until the scheduler says go (`wait_for_go`,
-  through Ray's internal key-value store): Ray Train would otherwise train on while Tune pauses
+  through Ray's internal key-value store; every private Ray API in `internals.py`): Ray Train would otherwise train on while Tune pauses
   the trial, and a paused trial could checkpoint (and later resume from) a step past its rung.
 
 Time is counted in optimizer steps, from the `step` every report carries: Tune's own
@@ -43,6 +43,8 @@ from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import SearchGenerator
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from softprompt.ray import internals
+
 log = logging.getLogger(__name__)
 
 PARKED = 0
@@ -59,19 +61,15 @@ def train_run_name(trial_id: str) -> str:
 
 def signal_go(run_name: str, step: int) -> None:
     """Tell the workers of Train run `run_name`, held after their report at `step`, to go on."""
-    from ray.experimental import internal_kv  # [ray] the cluster's key-value store (GCS)
-
-    internal_kv._internal_kv_put(f"{run_name}/{step}", b"go", namespace=GO_NAMESPACE)
+    internals.kv_put(f"{run_name}/{step}", b"go", GO_NAMESPACE)  # [ray] the cluster's key-value store (GCS)
 
 
 def wait_for_go(run_name: str, step: int, timeout_s: float = GO_TIMEOUT_S) -> bool:
     """In a Train worker: wait until the scheduler lets run `run_name` go on past `step` (a paused
     trial is stopped while it waits). False when `timeout_s` passed without an answer."""
-    from ray.experimental import internal_kv  # [ray]
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if internal_kv._internal_kv_get(f"{run_name}/{step}", namespace=GO_NAMESPACE) is not None:
+        if internals.kv_get(f"{run_name}/{step}", GO_NAMESPACE) is not None:
             return True
         time.sleep(0.1)
     log.warning("%s: no decision from the scheduler %.0f s after the report at step %d; going on", run_name, timeout_s, step)
@@ -253,10 +251,10 @@ class PromotionScheduler(TrialScheduler):
         if trial.status in (Trial.TERMINATED, Trial.ERROR):
             return
         if step in self.rungs and tid not in self.promoted[step]:
-            trial.set_status(Trial.PAUSED)
+            internals.set_trial_status(trial, Trial.PAUSED)
             self.waiting[tid] = step
         elif len(self.active) >= self.max_concurrent:
-            trial.set_status(Trial.PAUSED)
+            internals.set_trial_status(trial, Trial.PAUSED)
             self.waiting[tid] = PARKED
         else:
             self.active.add(tid)
@@ -305,10 +303,7 @@ class PromotionScheduler(TrialScheduler):
                     # Ray 2.60 files a stopped trial's new status for the experiment state only if it
                     # had a live actor: mark it, or the saved sweep still lists it as paused
                     # (unfinished) and Tuner.restore would run it again.
-                    controller = getattr(tune_controller, "_tune_controller", tune_controller)
-                    mark = getattr(controller, "_mark_trial_to_checkpoint", None)
-                    if mark is not None:
-                        mark(trial)
+                    internals.save_trial_status(tune_controller, trial)
         return None
 
     def debug_string(self) -> str:

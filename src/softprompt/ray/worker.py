@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from softprompt import checkpoint, train
 from softprompt.config import config_from_dict
 from softprompt.errors import DataError
+from softprompt.ray import internals
 
 if TYPE_CHECKING:
     import torch
@@ -45,9 +46,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     # Ray Train's LoggingConfig filters its console handler, but worker records also reach the
     # driver through Ray's own handler: set the level at the source too (every report is INFO).
     # Ray 2.60's per-report line comes from a logger named by its file path, outside "ray.train".
-    from ray.train.v2._internal.execution import context as train_context  # [ray]
-
-    for name in ("ray.train", train_context.__file__):
+    for name in ("ray.train", internals.train_report_logger()):  # [ray]
         logging.getLogger(name).setLevel(cfg.ray.train_log_level)
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -1,0 +1,89 @@
+"""The private Ray APIs softprompt relies on, in one place, checked against the pinned Ray.
+
+Ray's public API has no way to do these, and each is needed by `tune.scheduler: asha_promote` (the
+ASHA paper's promotion rule, `softprompt.ray.asha`) or by a quiet console:
+
+- the cluster's internal key-value store (`ray.experimental.internal_kv`): a Train worker held at a
+  rung waits there for the scheduler's go, so a paused trial never trains past its rung;
+- `TuneController._mark_trial_to_checkpoint`: a paused trial the scheduler stops has no live actor,
+  and Ray 2.60 would otherwise save the sweep with it still paused (a restore would rerun it);
+- `Trial.set_status` on a trial that `Tuner.restore` re-queued: it goes back to waiting at its rung;
+- the logger of Ray Train V2's per-report line, named by its file path (`ray.train_log_level`).
+
+`tests/unit/test_ray_internals.py` fails when the installed Ray is not `PINNED_RAY` or lacks any
+of them, so a Ray upgrade is a conscious change: re-read these against the new sources (Ray's own
+`HyperBandScheduler` was measured as the alternative: README, "Ray Tune").
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+PINNED_RAY = "2.60.0"
+"""The Ray version these calls were read against (pyproject pins ray 2.60.x)."""
+
+
+def kv_put(key: str, value: bytes, namespace: str) -> None:
+    """Store `value` under `key` in the cluster's key-value store (GCS)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(key, value, namespace=namespace)
+
+
+def kv_get(key: str, namespace: str) -> bytes | None:
+    """The value stored under `key`, or None."""
+    from ray.experimental import internal_kv
+
+    value: bytes | None = internal_kv._internal_kv_get(key, namespace=namespace)
+    return value
+
+
+def save_trial_status(tune_controller: Any, trial: Any) -> None:
+    """Have Tune write `trial`'s new status into the next experiment checkpoint (after stopping a
+    trial that has no live actor); a no-op where the controller has no such hook."""
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    mark = getattr(controller, "_mark_trial_to_checkpoint", None)
+    if mark is not None:
+        mark(trial)
+
+
+def set_trial_status(trial: Any, status: str) -> None:
+    """Set a trial's status before Tune files it (a restored trial that was waiting at a rung)."""
+    trial.set_status(status)
+
+
+def train_report_logger() -> str:
+    """The name of the logger that prints Ray Train V2's per-report line (its module's file path)."""
+    from ray.train.v2._internal.execution import context
+
+    return str(context.__file__)
+
+
+def problems() -> list[str]:
+    """What does not match in the installed Ray: its version, or a missing private API."""
+    import ray
+
+    found: list[str] = []
+    if ray.__version__ != PINNED_RAY:
+        found.append(f"ray {ray.__version__} is installed; softprompt.ray.internals was read against {PINNED_RAY}")
+    from ray.experimental import internal_kv
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    for owner, name, params in ((internal_kv, "_internal_kv_put", ("key", "value", "namespace")),
+                                (internal_kv, "_internal_kv_get", ("key", "namespace")),
+                                (TuneController, "_mark_trial_to_checkpoint", ("trial",)),
+                                (Trial, "set_status", ("status",))):
+        fn = getattr(owner, name, None)
+        if fn is None:
+            found.append(f"{getattr(owner, '__name__', owner)}.{name} is gone")
+            continue
+        missing = [p for p in params if p not in inspect.signature(fn).parameters]
+        if missing:
+            found.append(f"{getattr(owner, '__name__', owner)}.{name} no longer takes {missing}")
+    try:
+        train_report_logger()
+    except ImportError as exc:
+        found.append(f"ray.train.v2._internal.execution.context is gone ({exc})")
+    return found
