@@ -1,0 +1,25 @@
+"""Ingest: read the raw example files, check every row, and write the prepared dataset.
+
+`run` reads `data.train` (and `data.eval`, `data.test` when given) from local paths or `s3://`
+URIs, as CSV, TSV, JSON Lines or Parquet; maps raw labels to `task.labels`; rejects bad rows with a
+reason and the line they came from (every one listed in `rejects.jsonl`); holds out a stratified
+eval split when there is no eval file; and writes the folder that `softprompt.dataset` describes.
+Files that cannot be used stop the run with one `DataError` that names everything wrong at once.
+
+The stage in modules of one step each: `readers` (bytes -> records), `checks` (records -> kept rows
+and rejects), `splits` (kept rows -> splits and their fingerprint) and `stage` (the run, in order).
+"""
+
+from softprompt.ingest.checks import REJECT_REASONS
+from softprompt.ingest.readers import FORMATS_BY_EXTENSION
+from softprompt.ingest.stage import MANIFEST_FILE, REJECTS_FILE, IngestResult, check_sources, run
+
+__all__ = [
+    "FORMATS_BY_EXTENSION",
+    "MANIFEST_FILE",
+    "REJECTS_FILE",
+    "REJECT_REASONS",
+    "IngestResult",
+    "check_sources",
+    "run",
+]
