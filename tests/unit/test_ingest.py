@@ -125,6 +125,21 @@ def test_csv_with_header_writes_the_prepared_dataset(tmp_path: Path, tok: Any) -
     assert "train" in result.summary() and "no rows rejected" in result.summary()
 
 
+def test_the_result_file_reads_back_as_what_run_returned(tmp_path: Path, tok: Any) -> None:
+    rows = good(20, "negative") + good(20, "positive") + [("", "positive")]
+    train = write(tmp_path / "train.csv", csv_rows(rows))
+    test = write(tmp_path / "test.csv", csv_rows(good(3, "negative", 50) + good(3, "positive", 50)))
+    out = tmp_path / "out"
+    result = run(make_cfg(train, test=str(test), max_train_rows=20), out, tokenizer=tok)
+    assert result.rejects_by_reason == {"missing_text": 1} and result.sampling["train"]["rows_after"] == 20
+    assert [s.split for s in result.sources] == ["train", "test"]
+
+    again = IngestResult.read(out)
+    assert again == result
+    assert again.rejected == 1 and again.rejects_file == out / REJECTS_FILE
+    assert again.summary() == result.summary()
+
+
 def test_tsv_without_header_by_index(tmp_path: Path, tok: Any) -> None:
     lines = [f'{i % 2}\tfilm {i} with a "stray quote\n' for i in range(30)]
     train = write(tmp_path / "train.tsv", "".join(lines))

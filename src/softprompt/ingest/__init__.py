@@ -7,12 +7,14 @@ eval split when there is no eval file; and writes the folder that `softprompt.da
 Files that cannot be used stop the run with one `DataError` that names everything wrong at once.
 
 The stage in modules of one step each: `readers` (bytes -> records), `checks` (records -> kept rows
-and rejects), `splits` (kept rows -> splits and their fingerprint) and `stage` (the run, in order).
+and rejects), `splits` (kept rows -> splits and their fingerprint), `result` (what ingest prepared,
+written as the folder's result file) and `stage` (the run, in order).
 """
 
 from softprompt.ingest.checks import REJECT_REASONS
 from softprompt.ingest.readers import FORMATS_BY_EXTENSION
-from softprompt.ingest.stage import MANIFEST_FILE, REJECTS_FILE, IngestResult, check_sources, run
+from softprompt.ingest.result import MANIFEST_FILE, REJECTS_FILE, IngestResult, SourceSummary
+from softprompt.ingest.stage import check_sources, run
 
 __all__ = [
     "FORMATS_BY_EXTENSION",
@@ -20,6 +22,7 @@ __all__ = [
     "REJECTS_FILE",
     "REJECT_REASONS",
     "IngestResult",
+    "SourceSummary",
     "check_sources",
     "run",
 ]

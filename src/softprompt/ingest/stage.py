@@ -1,18 +1,10 @@
-"""Ingest: read the raw example files, check every row, and write the prepared dataset.
-
-`run` reads `data.train` (and `data.eval`, `data.test` when given) from local paths or `s3://`
-URIs, as CSV, TSV, JSON Lines or Parquet; maps raw labels to `task.labels`; rejects bad rows with a
-reason and the line they came from (every one listed in `rejects.jsonl`); holds out a stratified
-eval split when there is no eval file; and writes the folder that `softprompt.dataset` describes.
-Files that cannot be used stop the run with one `DataError` that names everything wrong at once.
+"""The ingest stage in order: read every configured file, check its rows, drop leakage, write the
+rejects, split, write the splits and, last, the result file. `check_sources` is the first step alone.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,49 +21,9 @@ from softprompt.ingest.checks import (
     write_rejects,
 )
 from softprompt.ingest.readers import Source, read_source
+from softprompt.ingest.result import MANIFEST_FILE, REJECTS_FILE, IngestResult, SourceSummary
 from softprompt.ingest.splits import content_fingerprint, length_stats, make_splits, to_split
 from softprompt.modeling import load_tokenizer
-
-MANIFEST_FILE = "dataset_manifest.json"
-REJECTS_FILE = "rejects.jsonl"
-
-
-@dataclass(frozen=True)
-class IngestResult:
-    """What ingest prepared: the contract between ingest and the stages after it."""
-
-    output_dir: Path
-    """Folder holding train/eval(/test).parquet, rejects.jsonl and dataset_manifest.json."""
-    fingerprint: str
-    """SHA-256 (hex) over every prepared row of every split plus the task's kind, template and labels."""
-    counts: dict[str, int]
-    """Split -> rows written."""
-    label_counts: dict[str, dict[str, int]]
-    """Split -> label -> rows (in `task.labels` order; empty for generation tasks)."""
-    rejected: int
-    """Rows rejected over all files."""
-    rejects_by_reason: dict[str, int]
-    """Reason -> rejected rows (reasons with at least one row)."""
-    rejects_file: Path | None
-    """`rejects.jsonl`, or None when no row was rejected (an empty file is still written)."""
-    manifest_path: Path
-    """`dataset_manifest.json`."""
-    warnings: list[str] = field(default_factory=list)
-    """Things worth a look that did not stop the run (labels missing from a split, ...)."""
-
-    def summary(self) -> str:
-        """A few lines for people: rows per split and label, rejects, warnings."""
-        lines = [f"prepared dataset in {self.output_dir} (fingerprint {self.fingerprint[:12]})"]
-        for split, n in self.counts.items():
-            per_label = ", ".join(f"{k} {v}" for k, v in self.label_counts.get(split, {}).items())
-            lines.append(f"  {split:<5} {n:>7} rows" + (f"  ({per_label})" if per_label else ""))
-        if self.rejected:
-            reasons = ", ".join(f"{k} {v}" for k, v in self.rejects_by_reason.items())
-            lines.append(f"  rejected {self.rejected} rows ({reasons}); see {self.rejects_file}")
-        else:
-            lines.append("  no rows rejected")
-        lines.extend(f"  warning: {w}" for w in self.warnings)
-        return "\n".join(lines)
 
 
 def run(
@@ -87,7 +39,8 @@ def run(
         progress: Show a progress bar over the rows of each file.
 
     Returns:
-        Counts, rejects, warnings and the fingerprint of what was written.
+        What was prepared: counts, rejects, warnings, the fingerprint and the input files; the same
+        as the folder's result file, which `IngestResult.read` reads back.
 
     Raises:
         DataError: listing every unusable file (missing, unreadable, empty, a missing column, no
@@ -131,57 +84,33 @@ def run(
     for s, rows in splits.items():
         write_split(out, s, to_split(rows))
 
-    rejects = [r for c in checked.values() for r in c.rejects]
-    reason_counts = Counter(r.reason for r in rejects)
+    reason_counts = Counter(r.reason for c in checked.values() for r in c.rejects)
     by_reason = {reason: reason_counts[reason] for reason in REJECT_REASONS if reason_counts[reason]}
-    fingerprint = content_fingerprint(splits, cfg)
-    manifest = {
-        "format_version": 1,
-        "fingerprint": fingerprint,
-        "task": {"name": task.name, "kind": task.kind, "template": task.template, "labels": task.labels},
-        "sources": [
-            {
-                "split": c.split,
-                "uri": c.uri,
-                "sha256": c.sha256,
-                "rows_read": c.rows_read,
-                "rows_kept": len(c.kept),
-                "rows_rejected": len(c.rejects),
-            }
+    result = IngestResult(
+        output_dir=out,
+        result_path=out / MANIFEST_FILE,
+        fingerprint=content_fingerprint(splits, cfg),
+        task={"name": task.name, "kind": task.kind, "template": task.template, "labels": task.labels},
+        sources=[
+            SourceSummary(c.split, c.uri, c.sha256, c.rows_read, len(c.kept), len(c.rejects))
             for c in checked.values()
         ],
-        "counts": counts,
-        "label_counts": label_counts,
-        "rejects_by_reason": by_reason,
-        "token_lengths": {s: length_stats(rows) for s, rows in splits.items()},
-        "tokenizer": {
-            "name_or_path": str(getattr(tok, "name_or_path", "")),
-            "vocab_size": len(tok),
-        },
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "split": {
+        counts=counts,
+        label_counts=label_counts,
+        rejects_by_reason=by_reason,
+        token_lengths={s: length_stats(rows) for s, rows in splits.items()},
+        tokenizer={"name_or_path": str(getattr(tok, "name_or_path", "")), "vocab_size": len(tok)},
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        split={
             "eval_from": "file" if "eval" in checked else "train",
             "eval_fraction": data.eval_fraction,
             "split_seed": data.split_seed,
         },
-        "sampling": sampling,
-        "warnings": warnings,
-    }
-    manifest_path = out / MANIFEST_FILE
-    tmp = manifest_path.with_name(f".{MANIFEST_FILE}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, manifest_path)  # the manifest appears last: its presence means the folder is complete
-    return IngestResult(
-        output_dir=out,
-        fingerprint=fingerprint,
-        counts=counts,
-        label_counts=label_counts,
-        rejected=len(rejects),
-        rejects_by_reason=by_reason,
-        rejects_file=rejects_path if rejects else None,
-        manifest_path=manifest_path,
+        sampling=sampling,
         warnings=warnings,
     )
+    result.write()  # the result file appears last: its presence means the folder is complete
+    return result
 
 
 def check_sources(cfg: JobConfig) -> list[str]:

@@ -1,0 +1,160 @@
+"""Ingest's result: what it prepared, the contract between ingest and the stages after it.
+
+`run` returns an `IngestResult` and writes it into the prepared dataset folder as
+`dataset_manifest.json`, last, so the file's presence means the folder is complete.
+`IngestResult.read(folder)` reads it back, equal to what `run` returned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from softprompt.errors import DataError
+
+MANIFEST_FILE = "dataset_manifest.json"
+REJECTS_FILE = "rejects.jsonl"
+FORMAT_VERSION = 1
+"""`format_version` of the result file; a reader refuses other versions."""
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    """One input file as ingest read it."""
+
+    split: str
+    """`train`, `eval` or `test`: the option `data.<split>` that named it."""
+    uri: str
+    """The local path or `s3://` URI it was read from."""
+    sha256: str
+    """SHA-256 (hex) of its bytes."""
+    rows_read: int
+    rows_kept: int
+    rows_rejected: int
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What ingest prepared: the contract between ingest and the stages after it."""
+
+    output_dir: Path
+    """Folder holding train/eval(/test).parquet, rejects.jsonl and the result file."""
+    result_path: Path
+    """The result file, `dataset_manifest.json` in `output_dir`."""
+    fingerprint: str
+    """SHA-256 (hex) over every prepared row of every split plus the task's kind, template and labels."""
+    task: dict[str, Any]
+    """The task the rows were prepared for: name, kind, template, labels."""
+    sources: list[SourceSummary]
+    """The input files, train first."""
+    counts: dict[str, int]
+    """Split -> rows written."""
+    label_counts: dict[str, dict[str, int]]
+    """Split -> label -> rows (in `task.labels` order; empty for generation tasks)."""
+    rejects_by_reason: dict[str, int]
+    """Reason -> rejected rows (reasons with at least one row)."""
+    token_lengths: dict[str, dict[str, float]]
+    """Split -> tokens per row (input plus target): min, mean, p50, p95 and max."""
+    tokenizer: dict[str, Any]
+    """The tokenizer the rows were encoded with: name_or_path, vocab_size."""
+    created_at: str
+    """When ingest wrote the folder (UTC, ISO 8601, to the second)."""
+    split: dict[str, Any]
+    """Where eval came from: eval_from (`file` or `train`), eval_fraction and split_seed."""
+    sampling: dict[str, dict[str, Any]]
+    """Split -> rows_before, rows_after and option, for each split capped by `data.max_<split>_rows`."""
+    warnings: list[str] = field(default_factory=list)
+    """Things worth a look that did not stop the run (labels missing from a split, ...)."""
+
+    @property
+    def rejected(self) -> int:
+        """Rows rejected over all files."""
+        return sum(self.rejects_by_reason.values())
+
+    @property
+    def rejects_file(self) -> Path | None:
+        """`rejects.jsonl`, or None when no row was rejected (an empty file is still written)."""
+        return self.output_dir / REJECTS_FILE if self.rejected else None
+
+    def summary(self) -> str:
+        """A few lines for people: rows per split and label, rejects, warnings."""
+        lines = [f"prepared dataset in {self.output_dir} (fingerprint {self.fingerprint[:12]})"]
+        for split, n in self.counts.items():
+            per_label = ", ".join(f"{k} {v}" for k, v in self.label_counts.get(split, {}).items())
+            lines.append(f"  {split:<5} {n:>7} rows" + (f"  ({per_label})" if per_label else ""))
+        if self.rejected:
+            reasons = ", ".join(f"{k} {v}" for k, v in self.rejects_by_reason.items())
+            lines.append(f"  rejected {self.rejected} rows ({reasons}); see {self.rejects_file}")
+        else:
+            lines.append("  no rows rejected")
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+    def write(self) -> Path:
+        """Write the result file into `output_dir` in one step (a temporary file, then a rename).
+
+        Returns:
+            Its path.
+        """
+        body = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "task": self.task,
+            "sources": [asdict(s) for s in self.sources],
+            "counts": self.counts,
+            "label_counts": self.label_counts,
+            "rejects_by_reason": self.rejects_by_reason,
+            "token_lengths": self.token_lengths,
+            "tokenizer": self.tokenizer,
+            "created_at": self.created_at,
+            "split": self.split,
+            "sampling": self.sampling,
+            "warnings": self.warnings,
+        }
+        path = self.output_dir / MANIFEST_FILE
+        tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
+        tmp.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, folder: str | Path) -> IngestResult:
+        """The result ingest wrote into `folder`, a prepared dataset.
+
+        Raises:
+            DataError: when `folder` holds no result file (says to run ingest), or one that is not
+                readable as an ingest result of this version.
+        """
+        root = Path(folder)
+        path = root / MANIFEST_FILE
+        if not path.is_file():
+            raise DataError(f"{path} does not exist; run `softprompt ingest` first")
+        fix = "run `softprompt ingest` again to rewrite it"
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read {path}: {exc}; {fix}") from exc
+        if not isinstance(body, dict) or body.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{path} is not an ingest result of format_version {FORMAT_VERSION}; {fix}")
+        try:
+            return cls(
+                output_dir=root,
+                result_path=path,
+                fingerprint=body["fingerprint"],
+                task=body["task"],
+                sources=[SourceSummary(**s) for s in body["sources"]],
+                counts=body["counts"],
+                label_counts=body["label_counts"],
+                rejects_by_reason=body["rejects_by_reason"],
+                token_lengths=body["token_lengths"],
+                tokenizer=body["tokenizer"],
+                created_at=body["created_at"],
+                split=body["split"],
+                sampling=body["sampling"],
+                warnings=body["warnings"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"{path} lacks a field of an ingest result or has one of another shape ({exc}); {fix}") from exc
