@@ -1,8 +1,10 @@
 """The prepared dataset that ingest writes and every later stage reads.
 
 A prepared dataset is a folder: `train.parquet`, `eval.parquet`, optionally `test.parquet`, and
-`dataset_manifest.json`. Each Parquet file has the columns of `SPLIT_SCHEMA`. Local folders only
-here; the Ray layer reads the same files from `s3://` with Ray Data.
+ingest's result file `ingest_result.json` (`softprompt.ingest.IngestResult`; a folder prepared by
+an earlier release has it as `dataset_manifest.json`, which still reads). Each Parquet file has the
+columns of `SPLIT_SCHEMA`. Local folders only here; the Ray layer reads the same files from `s3://`
+with Ray Data.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ import pyarrow.parquet as pq
 from softprompt.errors import DataError
 
 SPLITS = ("train", "eval", "test")
+
+RESULT_FILE = "ingest_result.json"
+"""Ingest's result file in a prepared dataset (`softprompt.ingest.IngestResult`)."""
+LEGACY_RESULT_FILE = "dataset_manifest.json"
+"""The result file's name in folders prepared by earlier releases; read when there is no `RESULT_FILE`."""
 
 SPLIT_SCHEMA = pa.schema(
     [
@@ -152,10 +159,24 @@ def write_split(data_dir: str | Path, split: str, data: Split) -> Path:
     return path
 
 
+def result_path(data_dir: str | Path) -> Path:
+    """Ingest's result file in a prepared dataset: `ingest_result.json`, or `dataset_manifest.json`
+    in a folder that an earlier release prepared.
+
+    Raises:
+        DataError: when the folder holds neither (says to run ingest).
+    """
+    folder = Path(data_dir)
+    for name in (RESULT_FILE, LEGACY_RESULT_FILE):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"{folder / RESULT_FILE} does not exist; run `softprompt ingest` first")
+
+
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """The `dataset_manifest.json` of a prepared dataset."""
-    path = Path(data_dir) / "dataset_manifest.json"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; run `softprompt ingest` first")
-    result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    """Ingest's result file of a prepared dataset (see `result_path`), as written.
+
+    `softprompt.ingest.IngestResult.read` reads the same file as a typed result.
+    """
+    result: dict[str, Any] = json.loads(result_path(data_dir).read_text(encoding="utf-8"))
     return result

@@ -52,7 +52,7 @@ def run_manifest(
     Args:
         cfg: The resolved job configuration (recorded whole; it holds no credentials by design:
             S3 credentials come from the AWS chain, never from config).
-        dataset: Dataset identity: fingerprint, counts, sources (from `dataset_manifest.json`).
+        dataset: Dataset identity: fingerprint, counts, sources (from `ingest_result.json`).
         base_model: Base-model identity: name, source, weights sha256, dtype.
         train: Training summary (steps, best step, throughput, peak memory).
         extra: Anything else worth recording.

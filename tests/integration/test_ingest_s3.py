@@ -54,7 +54,7 @@ def test_ingest_csv_from_s3(tmp_path: Path, tok: Any, s3_endpoint: str, s3_bucke
     assert sources[0]["rows_read"] == 20
     texts = read_split(out, "train").texts + read_split(out, "eval").texts
     assert "review 3, with a comma" in texts
-    assert json.loads((out / "dataset_manifest.json").read_text())["fingerprint"] == result.fingerprint
+    assert json.loads((out / "ingest_result.json").read_text())["fingerprint"] == result.fingerprint
 
 
 def test_missing_s3_object_is_named(tmp_path: Path, tok: Any, s3_endpoint: str, s3_bucket: str) -> None:

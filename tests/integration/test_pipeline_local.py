@@ -82,7 +82,7 @@ def test_local_pipeline_end_to_end(demo_config: Path, tmp_path: Path, capsys: py
     assert resolved.publish.registry == str(registry) and resolved.model.name == load_config(demo_config).model.name
 
     dataset = _artifact(run_dir, "ingest", "dataset")
-    assert {"train.parquet", "eval.parquet", "test.parquet", "dataset_manifest.json"} <= {p.name for p in Path(dataset["uri"]).iterdir()}
+    assert {"train.parquet", "eval.parquet", "test.parquet", "ingest_result.json"} <= {p.name for p in Path(dataset["uri"]).iterdir()}
     assert dataset["metadata"]["counts"] == {"train": 32, "eval": 8, "test": 21}
 
     tuned = _artifact(run_dir, "tune", "winners")

@@ -72,7 +72,7 @@ def test_run_publish_predict(tiny_dir: Path, tmp_path: Path, capsys: pytest.Capt
         assert step in out
     assert "tuned prompt" in out and "zero-shot" in out and "few-shot" in out
 
-    assert _files(run_dir / "data") == {"train.parquet", "eval.parquet", "test.parquet", "dataset_manifest.json", "rejects.jsonl"}
+    assert _files(run_dir / "data") == {"train.parquet", "eval.parquet", "test.parquet", "ingest_result.json", "rejects.jsonl"}
     assert _files(run_dir / "train") == {
         "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md",
         "checkpoint/state.json", "checkpoint/state.safetensors", "train_history.json", "train_result.json",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,8 @@ def test_csv_with_header_writes_the_prepared_dataset(tmp_path: Path, tok: Any) -
     result = run(make_cfg(train, eval_fraction=0.2), out, tokenizer=tok)
 
     assert sorted(p.name for p in out.iterdir()) == [
-        "dataset_manifest.json",
         "eval.parquet",
+        "ingest_result.json",
         "rejects.jsonl",
         "train.parquet",
     ]
@@ -138,6 +139,28 @@ def test_the_result_file_reads_back_as_what_run_returned(tmp_path: Path, tok: An
     assert again == result
     assert again.rejected == 1 and again.rejects_file == out / REJECTS_FILE
     assert again.summary() == result.summary()
+
+
+def test_a_folder_from_an_earlier_release_reads_its_dataset_manifest(tmp_path: Path, tok: Any) -> None:
+    train = write(tmp_path / "train.csv", csv_rows(good(10, "negative") + good(10, "positive")))
+    out = tmp_path / "out"
+    result = run(make_cfg(train), out, tokenizer=tok)
+    # Earlier releases wrote the same contents under the old name.
+    (out / "ingest_result.json").rename(out / "dataset_manifest.json")
+
+    assert read_manifest(out)["fingerprint"] == result.fingerprint
+    legacy = IngestResult.read(out)
+    assert legacy.result_path == out / "dataset_manifest.json"
+    assert replace(legacy, result_path=result.result_path) == result
+
+    run(make_cfg(train), out, tokenizer=tok)  # ingest again: only the new name is left
+    assert (out / "ingest_result.json").is_file() and not (out / "dataset_manifest.json").exists()
+
+
+def test_a_folder_without_a_result_file_says_to_run_ingest(tmp_path: Path) -> None:
+    for read in (read_manifest, IngestResult.read):
+        with pytest.raises(DataError, match=r"ingest_result\.json does not exist; run `softprompt ingest` first"):
+            read(tmp_path)
 
 
 def test_tsv_without_header_by_index(tmp_path: Path, tok: Any) -> None:
@@ -443,7 +466,7 @@ def test_too_many_bad_rows_raises_after_writing_rejects(tmp_path: Path, tok: Any
     assert "unknown_label 2 (e.g. line 9:" in message and "missing_text 1 (e.g. line 11:" in message
     assert str(out / REJECTS_FILE) in message and "raise data.max_reject_fraction" in message
     assert [r["line"] for r in rejects(out)] == [9, 10, 11]
-    assert not (out / "dataset_manifest.json").exists() and not (out / "train.parquet").exists()
+    assert not (out / "ingest_result.json").exists() and not (out / "train.parquet").exists()
 
 
 def test_no_usable_rows(tmp_path: Path, tok: Any) -> None:

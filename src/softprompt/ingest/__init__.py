@@ -11,16 +11,18 @@ and rejects), `splits` (kept rows -> splits and their fingerprint), `result` (wh
 written as the folder's result file) and `stage` (the run, in order).
 """
 
+from softprompt.dataset import LEGACY_RESULT_FILE, RESULT_FILE
 from softprompt.ingest.checks import REJECT_REASONS
 from softprompt.ingest.readers import FORMATS_BY_EXTENSION
-from softprompt.ingest.result import MANIFEST_FILE, REJECTS_FILE, IngestResult, SourceSummary
+from softprompt.ingest.result import REJECTS_FILE, IngestResult, SourceSummary
 from softprompt.ingest.stage import check_sources, run
 
 __all__ = [
     "FORMATS_BY_EXTENSION",
-    "MANIFEST_FILE",
+    "LEGACY_RESULT_FILE",
     "REJECTS_FILE",
     "REJECT_REASONS",
+    "RESULT_FILE",
     "IngestResult",
     "SourceSummary",
     "check_sources",

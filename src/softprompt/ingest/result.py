@@ -1,8 +1,9 @@
 """Ingest's result: what it prepared, the contract between ingest and the stages after it.
 
 `run` returns an `IngestResult` and writes it into the prepared dataset folder as
-`dataset_manifest.json`, last, so the file's presence means the folder is complete.
-`IngestResult.read(folder)` reads it back, equal to what `run` returned.
+`ingest_result.json` (`RESULT_FILE`), last, so the file's presence means the folder is complete.
+`IngestResult.read(folder)` reads it back, equal to what `run` returned; in a folder that an earlier
+release prepared it reads the same contents from `dataset_manifest.json` (`LEGACY_RESULT_FILE`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from softprompt.dataset import RESULT_FILE, result_path
 from softprompt.errors import DataError
 
-MANIFEST_FILE = "dataset_manifest.json"
 REJECTS_FILE = "rejects.jsonl"
 FORMAT_VERSION = 1
 """`format_version` of the result file; a reader refuses other versions."""
@@ -43,7 +44,8 @@ class IngestResult:
     output_dir: Path
     """Folder holding train/eval(/test).parquet, rejects.jsonl and the result file."""
     result_path: Path
-    """The result file, `dataset_manifest.json` in `output_dir`."""
+    """The result file: `ingest_result.json` in `output_dir` (`dataset_manifest.json` when read from a
+    folder that an earlier release prepared)."""
     fingerprint: str
     """SHA-256 (hex) over every prepared row of every split plus the task's kind, template and labels."""
     task: dict[str, Any]
@@ -94,7 +96,7 @@ class IngestResult:
         return "\n".join(lines)
 
     def write(self) -> Path:
-        """Write the result file into `output_dir` in one step (a temporary file, then a rename).
+        """Write `ingest_result.json` into `output_dir` in one step (a temporary file, then a rename).
 
         Returns:
             Its path.
@@ -114,24 +116,23 @@ class IngestResult:
             "sampling": self.sampling,
             "warnings": self.warnings,
         }
-        path = self.output_dir / MANIFEST_FILE
-        tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
+        path = self.output_dir / RESULT_FILE
+        tmp = path.with_name(f".{RESULT_FILE}.tmp")
         tmp.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, path)
         return path
 
     @classmethod
     def read(cls, folder: str | Path) -> IngestResult:
-        """The result ingest wrote into `folder`, a prepared dataset.
+        """The result ingest wrote into `folder`, a prepared dataset: its `ingest_result.json`, or the
+        `dataset_manifest.json` of a folder that an earlier release prepared.
 
         Raises:
             DataError: when `folder` holds no result file (says to run ingest), or one that is not
                 readable as an ingest result of this version.
         """
         root = Path(folder)
-        path = root / MANIFEST_FILE
-        if not path.is_file():
-            raise DataError(f"{path} does not exist; run `softprompt ingest` first")
+        path = result_path(root)
         fix = "run `softprompt ingest` again to rewrite it"
         try:
             body = json.loads(path.read_text(encoding="utf-8"))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.config import DataConfig, JobConfig, S3Config
-from softprompt.dataset import SPLITS, write_split
+from softprompt.dataset import LEGACY_RESULT_FILE, RESULT_FILE, SPLITS, write_split
 from softprompt.errors import DataError
 from softprompt.ingest.checks import (
     REJECT_REASONS,
@@ -21,7 +21,7 @@ from softprompt.ingest.checks import (
     write_rejects,
 )
 from softprompt.ingest.readers import Source, read_source
-from softprompt.ingest.result import MANIFEST_FILE, REJECTS_FILE, IngestResult, SourceSummary
+from softprompt.ingest.result import REJECTS_FILE, IngestResult, SourceSummary
 from softprompt.ingest.splits import content_fingerprint, length_stats, make_splits, to_split
 from softprompt.modeling import load_tokenizer
 
@@ -50,7 +50,7 @@ def run(
     data, task = cfg.data, cfg.task
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (*(f"{s}.parquet" for s in SPLITS), MANIFEST_FILE, REJECTS_FILE):
+    for name in (*(f"{s}.parquet" for s in SPLITS), RESULT_FILE, LEGACY_RESULT_FILE, REJECTS_FILE):
         (out / name).unlink(missing_ok=True)
 
     readable, problems = _read_all(data, cfg.s3)
@@ -88,7 +88,7 @@ def run(
     by_reason = {reason: reason_counts[reason] for reason in REJECT_REASONS if reason_counts[reason]}
     result = IngestResult(
         output_dir=out,
-        result_path=out / MANIFEST_FILE,
+        result_path=out / RESULT_FILE,
         fingerprint=content_fingerprint(splits, cfg),
         task={"name": task.name, "kind": task.kind, "template": task.template, "labels": task.labels},
         sources=[
