@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from softprompt.errors import DataError
 REJECTS_FILE = "rejects.jsonl"
 FORMAT_VERSION = 1
 """`format_version` of the result file; a reader refuses other versions."""
+_NOT_IN_FILE = ("output_dir", "result_path")  # where the file lies, not what it says
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,10 @@ class SourceSummary:
 
 @dataclass(frozen=True)
 class IngestResult:
-    """What ingest prepared: the contract between ingest and the stages after it."""
+    """What ingest prepared: the contract between ingest and the stages after it.
+
+    The result file holds every field but the two paths, in this order, after `format_version`.
+    """
 
     output_dir: Path
     """Folder holding train/eval(/test).parquet, rejects.jsonl and the result file."""
@@ -101,21 +105,9 @@ class IngestResult:
         Returns:
             Its path.
         """
-        body = {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "task": self.task,
-            "sources": [asdict(s) for s in self.sources],
-            "counts": self.counts,
-            "label_counts": self.label_counts,
-            "rejects_by_reason": self.rejects_by_reason,
-            "token_lengths": self.token_lengths,
-            "tokenizer": self.tokenizer,
-            "created_at": self.created_at,
-            "split": self.split,
-            "sampling": self.sampling,
-            "warnings": self.warnings,
-        }
+        body = {"format_version": FORMAT_VERSION, **asdict(self)}
+        for name in _NOT_IN_FILE:
+            del body[name]
         path = self.output_dir / RESULT_FILE
         tmp = path.with_name(f".{RESULT_FILE}.tmp")
         tmp.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -141,21 +133,8 @@ class IngestResult:
         if not isinstance(body, dict) or body.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{path} is not an ingest result of format_version {FORMAT_VERSION}; {fix}")
         try:
-            return cls(
-                output_dir=root,
-                result_path=path,
-                fingerprint=body["fingerprint"],
-                task=body["task"],
-                sources=[SourceSummary(**s) for s in body["sources"]],
-                counts=body["counts"],
-                label_counts=body["label_counts"],
-                rejects_by_reason=body["rejects_by_reason"],
-                token_lengths=body["token_lengths"],
-                tokenizer=body["tokenizer"],
-                created_at=body["created_at"],
-                split=body["split"],
-                sampling=body["sampling"],
-                warnings=body["warnings"],
-            )
+            values = {f.name: body[f.name] for f in fields(cls) if f.name not in _NOT_IN_FILE}
+            values["sources"] = [SourceSummary(**s) for s in values["sources"]]
+            return cls(output_dir=root, result_path=path, **values)
         except (KeyError, TypeError) as exc:
             raise DataError(f"{path} lacks a field of an ingest result or has one of another shape ({exc}); {fix}") from exc
