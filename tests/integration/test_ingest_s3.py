@@ -1,4 +1,4 @@
-"""Ingest from a real S3 endpoint (moto's server on loopback) via `data.s3_endpoint_url`."""
+"""Ingest from a real S3 endpoint (moto's server on loopback) via `s3.endpoint`."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def cfg_for(train: str, endpoint: str, **data: Any) -> JobConfig:
-    return config_from_dict({"task": TASK, "data": {"train": train, "s3_endpoint_url": endpoint, **data}})
+    return config_from_dict({"task": TASK, "data": {"train": train, **data}, "s3": {"endpoint": endpoint}})
 
 
 def test_ingest_csv_from_s3(tmp_path: Path, tok: Any, s3_endpoint: str, s3_bucket: str) -> None:

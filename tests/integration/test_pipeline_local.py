@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+import softprompt
 from softprompt.cli import main
 from softprompt.config import load_config
 from softprompt.outcome import TrainOutcome
@@ -25,7 +26,7 @@ from softprompt.registry import REQUIRED_FILES
 from softprompt.testing import build_tiny_model
 
 pytestmark = pytest.mark.slow
-DEMO = Path(load_config.__code__.co_filename).parent / "demo"
+DEMO = Path(softprompt.__file__).parent / "demo"
 LABELS = ["account", "billing", "cancellation", "delivery", "product", "refund", "technical"]
 
 

@@ -195,3 +195,13 @@ def test_config_is_frozen_and_replace_validates() -> None:
     assert replace(cfg, ["train.steps=3", "train.warmup_steps=1"]).train.steps == 3
     with pytest.raises(ConfigError, match=r"train\.steps=0"):
         replace(cfg, ["train.steps=0"])
+
+
+def test_odd_keys_and_huge_numbers_are_problems_not_crashes() -> None:
+    """Unknown keys of mixed types sort, and an integer too large for a float is a type problem
+    (both raised Python errors from the builder before)."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"task": {"labels": ["a", "b"], "verbalizer": {"a": [" a"], "b": [" b"]}}, "data": {"train": "x.csv"},
+                          "train": {1: "x", "foo": 2, "lr": 10**400}})
+    text = str(info.value)
+    assert "unknown key train.1" in text and "unknown key train.foo" in text and "train.lr=" in text and "must be a number" in text
