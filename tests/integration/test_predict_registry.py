@@ -20,7 +20,8 @@ from softprompt.config import load_config
 from softprompt.modeling import load_model
 from softprompt.outcome import TrainOutcome
 from softprompt.registry import Gate, promote, publish
-from softprompt.registry.store import LocalStore, S3Store
+from softprompt.registry.s3 import S3Store
+from softprompt.registry.store import LocalStore
 from softprompt.testing import build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

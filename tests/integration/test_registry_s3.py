@@ -19,7 +19,8 @@ from softprompt import registry
 from softprompt.errors import ConflictError, IntegrityError, StoreError
 from softprompt.registry import Gate, promote, publish, pull, resolve_artifact, rollback
 from softprompt.registry import cli as registry_cli
-from softprompt.registry.store import ArtifactStore, LocalStore, NotFoundError, S3Store
+from softprompt.registry.s3 import S3Store
+from softprompt.registry.store import ArtifactStore, LocalStore, NotFoundError
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MODEL_KEY = "huggingfacetb--smollm2-135m-instruct"

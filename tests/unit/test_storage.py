@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from softprompt.errors import ConflictError, IntegrityError, StoreError
+from softprompt.registry.s3 import S3Store
 from softprompt.registry.store import (
     ArtifactStore,
     LocalStore,
     NotFoundError,
-    S3Store,
     open_store,
     validate_key,
 )
@@ -168,7 +168,7 @@ def test_open_store_dispatch(tmp_path: Path) -> None:
 
 
 def test_core_import_does_not_load_boto3() -> None:
-    code = "import sys, softprompt.registry.store, softprompt.registry; assert 'boto3' not in sys.modules, 'boto3 loaded'"
+    code = "import sys, softprompt.registry.store, softprompt.registry.s3, softprompt.registry; assert 'boto3' not in sys.modules, 'boto3 loaded'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2] / "src")
 
 

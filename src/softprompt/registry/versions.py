@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.errors import ConfigError, ConflictError, IntegrityError, StoreError
-from softprompt.registry.store import ArtifactStore, LocalStore, NotFoundError, S3Store, sha256_file
+from softprompt.registry.s3 import S3Store
+from softprompt.registry.store import ArtifactStore, LocalStore, NotFoundError, sha256_file
 
 REQUIRED_FILES = (
     "adapter_config.json",
