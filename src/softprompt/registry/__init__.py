@@ -1,24 +1,23 @@
 """The prompt registry: artifact stores (a local folder or S3), immutable versions, the champion
-pointer, and their command line."""
+pointer, and their command line.
+
+`store.py` and `s3.py` hold the stores, `versions.py` the version layout and reading it,
+`publishing.py` publishing a run folder, `champion.py` moving the champion pointer, `cli.py` the
+commands; this module re-exports their public names."""
 
 from typing import TYPE_CHECKING
 
+from softprompt.registry.champion import Gate, PromotionResult, promote, rollback
+from softprompt.registry.publishing import REQUIRED_FILES, PublishResult, publish
 from softprompt.registry.store import ArtifactStore, open_store
 from softprompt.registry.versions import (
     CHAMPION_ALIAS,
-    REQUIRED_FILES,
-    Gate,
-    PromotionResult,
-    PublishResult,
     VersionInfo,
     compute_version,
     list_models,
     list_versions,
-    promote,
-    publish,
     pull,
     resolve_artifact,
-    rollback,
     show,
     slug,
     verify_folder,

@@ -1,4 +1,4 @@
-"""`softprompt publish | promote | rollback | registry list|show|pull`: thin shells over registry.py.
+"""`softprompt publish | promote | rollback | registry list|show|pull`: thin shells over `softprompt.registry`.
 
 `cli.py` calls `add_commands(subparsers)`; each sub-command sets `func` to a handler that takes the
 parsed namespace and returns the exit code. Handlers print one short human line (or a table), or
@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from softprompt import flags
+from softprompt import flags, registry
 from softprompt.errors import SoftpromptError
-from softprompt.registry import versions as registry
 from softprompt.registry.store import ArtifactStore, open_store
 
 EXIT_OK = 0

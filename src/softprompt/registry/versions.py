@@ -1,4 +1,4 @@
-"""The prompt registry: immutable, content-addressed versions and a champion pointer moved by CAS.
+"""The prompt registry's versions: their layout, their manifest, and reading them.
 
 Layout inside any `ArtifactStore`::
 
@@ -12,34 +12,27 @@ so the same run folder always publishes to the same version and a version's byte
 Every write is create-only (`if_none_match`) except the pointer, which uses `if_match` on its
 etag: a crash leaves either no visible version or a complete one, and two racing promotions
 cannot both win.
+
+This module reads: list, show, pull, verify and resolve versions, including the `champion` alias,
+so it reads the pointer too. Writing lives in `publishing.py` (a new version) and `champion.py`
+(moving the pointer); both import from here, never the other way round.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from softprompt.errors import ConfigError, ConflictError, IntegrityError, StoreError
+from softprompt.errors import IntegrityError, StoreError
 from softprompt.registry.s3 import S3Store
 from softprompt.registry.store import ArtifactStore, LocalStore, NotFoundError, sha256_file
 
-REQUIRED_FILES = (
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "metrics.json",
-    "run_manifest.json",
-    "report.html",
-)
-PROVENANCE_FIELDS = ("git", "packages", "config", "dataset", "base_model", "train")
-"""What `run_manifest.json` must record (non-empty) before anything is published."""
 MANIFEST = "MANIFEST.json"
 CHAMPION = "champion.json"
 CHAMPION_ALIAS = "champion"
@@ -47,66 +40,6 @@ MANIFEST_FORMAT = "softprompt.registry.version/1"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class PublishResult:
-    """What `publish` did."""
-
-    task: str
-    """Task key segment (sanitized)."""
-    base_model: str
-    """Base-model key segment (sanitized: lowercased, '/' -> '--')."""
-    version: str
-    """Content-addressed version id (16 hex digits)."""
-    uri: str
-    """Where the version lives (path or s3:// URI)."""
-    created: bool
-    """False when this exact version already existed (a no-op)."""
-    message: str
-    """One human line."""
-
-
-@dataclass(frozen=True)
-class Gate:
-    """When a challenger may replace the champion."""
-
-    metric: str = "accuracy"
-    """Metric compared (from the tuned metrics in metrics.json); higher is better."""
-    min_delta: float = 0.0
-    """The challenger must beat the champion by strictly more than this (same eval set only)."""
-
-    def __post_init__(self) -> None:
-        if not self.metric:
-            raise ConfigError("gate metric is empty; pass --metric accuracy (or another tuned metric)")
-        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
-            raise ConfigError(f"gate min_delta={self.min_delta}; use a number >= 0 (e.g. --min-delta 0.005)")
-
-
-@dataclass(frozen=True)
-class PromotionResult:
-    """What `promote` or `rollback` did to the champion pointer."""
-
-    action: str
-    """'promote' or 'rollback'."""
-    status: str
-    """'promoted' or 'rolled_back' (pointer moved), 'refused' (gate said no), 'unchanged' (already champion)."""
-    task: str
-    base_model: str
-    version: str
-    """The version asked for."""
-    promoted: bool
-    """True when the pointer now names `version` because of this call."""
-    previous: str | None
-    """The champion before this call (None when there was none)."""
-    forced: bool
-    """True when --force overrode a gate refusal."""
-    metric: str
-    value: float | None
-    """The version's value of `metric`."""
-    champion_value: float | None
-    """The previous champion's value of `metric`, when there was one."""
-    message: str
 
 
 @dataclass(frozen=True)
@@ -124,183 +57,6 @@ class VersionInfo:
     is_champion: bool
     manifest: dict[str, Any] = field(repr=False, compare=False)
     """The full MANIFEST.json."""
-
-
-def publish(store: ArtifactStore, run_dir: Path) -> PublishResult:
-    """Publish every regular file of a run folder as an immutable registry version.
-
-    Files go up first, each create-only; MANIFEST.json goes last, so an interrupted publish leaves
-    no visible version and re-running completes it. Re-publishing identical content is a no-op.
-
-    Args:
-        store: where the registry lives.
-        run_dir: a finished run folder (adapter, metrics.json, run_manifest.json, report.html).
-
-    Returns:
-        The version's identity and whether this call created it.
-
-    Raises:
-        StoreError: the run folder is incomplete or malformed, or the store fails.
-        IntegrityError: the store holds different bytes under this version.
-    """
-    run = _read_run(Path(run_dir))
-    base = f"{run.task}/{run.base_model}/{run.version}"
-    restored = 0
-    for entry in run.files:
-        key = f"{base}/{entry['name']}"
-        if _stored_matches(store, key, entry["sha256"]):
-            continue
-        try:
-            store.put_file(key, run.path / entry["name"], if_none_match=True)
-            restored += 1
-        except ConflictError:  # a concurrent publisher of the same version won; same bytes are fine
-            if not _stored_matches(store, key, entry["sha256"]):
-                raise IntegrityError(f"{store.uri(key)} changed while publishing it; publish again") from None
-    existing = _try_manifest(store, run.task, run.base_model, run.version)
-    if existing is None:
-        body = json.dumps(_manifest(run), indent=2, sort_keys=True).encode()
-        try:
-            store.put_bytes(f"{base}/{MANIFEST}", body, if_none_match=True)
-            message = (
-                f"published {run.task}/{run.base_model} version {run.version} "
-                f"({len(run.files)} files, {run.metric_name}={run.metric_value:.4f}) to {store.uri(base)}"
-            )
-            return PublishResult(run.task, run.base_model, run.version, store.uri(base), True, message)
-        except ConflictError:
-            existing = _load_manifest(store, run.task, run.base_model, run.version)
-    if {(f["name"], f["sha256"]) for f in existing["files"]} != {(f["name"], f["sha256"]) for f in run.files}:
-        raise IntegrityError(
-            f"{store.uri(base)}/{MANIFEST} lists other files than {run.path}; the version is damaged. "
-            "Inspect it with `softprompt registry show` and restore it from a good copy"
-        )
-    note = f" (restored {restored} missing files)" if restored else ""
-    message = f"{run.task}/{run.base_model} version {run.version} already exists at {store.uri(base)}; nothing to do"
-    return PublishResult(run.task, run.base_model, run.version, store.uri(base), False, message + note)
-
-
-def promote(
-    store: ArtifactStore,
-    task: str,
-    base_model: str,
-    version: str,
-    *,
-    gate: Gate = Gate(),  # a frozen dataclass, so a shared default is safe
-    force: bool = False,
-    reason: str = "",
-) -> PromotionResult:
-    """Make `version` the champion if it beats the current one on the same eval set.
-
-    Args:
-        store: where the registry lives.
-        task: task name (sanitized like at publish).
-        base_model: base-model name, e.g. 'HuggingFaceTB/SmolLM2-135M-Instruct' or its key segment.
-        version: a published version id.
-        gate: the metric and the margin the challenger must beat the champion by.
-        force: promote even when the gate refuses (recorded as forced in the pointer and history).
-        reason: free text recorded with the promotion.
-
-    Returns:
-        `promoted=False` with a message saying why when the gate refused.
-
-    Raises:
-        ConflictError: another promotion moved the pointer meanwhile; re-run to compare again.
-        StoreError: unknown version or metric, or the store fails.
-    """
-    task, model = slug(task, "task"), slug(base_model, "base model")
-    challenger = _load_manifest(store, task, model, _check_version(version))
-    value = _metric_value(challenger, gate.metric, store.uri(f"{task}/{model}/{version}/{MANIFEST}"))
-    pointer, etag = _read_pointer(store, task, model)
-    current = pointer["version"] if pointer else None
-
-    def result(status: str, forced: bool, champion_value: float | None, message: str) -> PromotionResult:
-        return PromotionResult(
-            action="promote",
-            status=status,
-            task=task,
-            base_model=model,
-            version=version,
-            promoted=status == "promoted",
-            previous=current,
-            forced=forced,
-            metric=gate.metric,
-            value=value,
-            champion_value=champion_value,
-            message=message,
-        )
-
-    if current == version:
-        return result(
-            "unchanged", False, value, f"{version} is already the champion of {task}/{model}; nothing to do"
-        )
-    refusal, champion_value = None, None
-    if current is not None:
-        refusal, champion_value = _gate_refusal(store, task, model, current, challenger, value, gate)
-        if refusal and not force:
-            return result("refused", False, champion_value, f"not promoted: {refusal}")
-    forced = refusal is not None
-    record = _pointer_record(task, model, challenger, gate.metric, value, "promote", forced, reason, current)
-    _move_pointer(store, task, model, record, etag, current)
-    how = f" (forced past: {refusal})" if refusal else ""
-    beaten = f" over {current} ({champion_value})" if current else " (first champion)"
-    message = f"promoted {version} to champion of {task}/{model}: {gate.metric}={value:.4f}{beaten}{how}"
-    return result("promoted", forced, champion_value, message)
-
-
-def rollback(
-    store: ArtifactStore, task: str, base_model: str, to_version: str | None = None, *, reason: str = ""
-) -> PromotionResult:
-    """Move the champion pointer back, without a gate, and record it in the history.
-
-    Args:
-        store: where the registry lives.
-        task: task name.
-        base_model: base-model name or key segment.
-        to_version: the version to serve again; None means the champion before the current one
-            (repeated rollbacks walk further back, like an undo stack).
-        reason: free text recorded with the rollback.
-
-    Raises:
-        ConflictError: another promotion moved the pointer meanwhile.
-        StoreError: no champion, no previous champion, or unknown version.
-    """
-    task, model = slug(task, "task"), slug(base_model, "base model")
-    pointer, etag = _read_pointer(store, task, model)
-    if pointer is None:
-        raise StoreError(f"{task}/{model} has no champion in {store.uri()}; nothing to roll back")
-    current = str(pointer["version"])
-    target = to_version or pointer.get("previous")
-    if not target:
-        raise StoreError(
-            f"champion {current} of {task}/{model} has no previous champion; pass --to VERSION "
-            "(see `softprompt registry list`)"
-        )
-    manifest = _load_manifest(store, task, model, _check_version(str(target)))
-    metric = str(manifest["metric"]["name"])
-    value = float(manifest["metric"]["value"])
-    moved = target != current
-    if moved:
-        previous = _previous_of(store, task, model, target)
-        record = _pointer_record(task, model, manifest, metric, value, "rollback", False, reason, previous)
-        _move_pointer(store, task, model, record, etag, current)
-    message = (
-        f"rolled back champion of {task}/{model} from {current} to {target}"
-        if moved
-        else f"{target} is already the champion of {task}/{model}; nothing to do"
-    )
-    return PromotionResult(
-        action="rollback",
-        status="rolled_back" if moved else "unchanged",
-        task=task,
-        base_model=model,
-        version=target,
-        promoted=moved,
-        previous=current,
-        forced=False,
-        metric=metric,
-        value=value,
-        champion_value=None,
-        message=message,
-    )
 
 
 def list_versions(store: ArtifactStore, task: str, base_model: str) -> list[VersionInfo]:
@@ -474,145 +230,6 @@ def compute_version(files: list[tuple[str, str]]) -> str:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-@dataclass(frozen=True)
-class _Run:
-    path: Path
-    task: str
-    task_name: str
-    base_model: str
-    base_model_name: str
-    weights_sha256: str
-    files: list[dict[str, Any]]
-    version: str
-    metric_name: str
-    metric_value: float
-    metrics: dict[str, Any]
-    eval_fingerprint: str
-
-
-def _read_run(run_dir: Path) -> _Run:
-    if not run_dir.is_dir():
-        raise StoreError(
-            f"run folder {run_dir} does not exist or is not a folder; pass the folder train wrote"
-        )
-    files: list[dict[str, Any]] = []
-    problems: list[str] = []
-    for path in sorted(run_dir.iterdir()):
-        if path.is_symlink() or not path.is_file():
-            kind = "a symlink" if path.is_symlink() else "a folder" if path.is_dir() else "not a regular file"
-            problems.append(f"{path.name} is {kind}")
-        elif path.name == MANIFEST:
-            problems.append(f"{MANIFEST} is reserved for the registry")
-        else:
-            files.append({"name": path.name, "sha256": sha256_file(path), "size": path.stat().st_size})
-    missing = sorted(set(REQUIRED_FILES) - {f["name"] for f in files})
-    if missing:
-        problems.append(f"missing {', '.join(missing)}")
-    if problems:
-        raise StoreError(
-            f"cannot publish {run_dir}: {'; '.join(problems)}. A run folder holds only regular files, "
-            f"including {', '.join(REQUIRED_FILES)}"
-        )
-    run_manifest = _read_json(run_dir / "run_manifest.json")
-    gaps = [key for key in PROVENANCE_FIELDS if not run_manifest.get(key)]
-    if gaps:
-        raise StoreError(
-            f"cannot publish {run_dir}: {run_dir / 'run_manifest.json'} lacks provenance {gaps}; nothing is "
-            "published without it. Evaluate the train stage's output (`softprompt evaluate --train DIR`) to write it"
-        )
-    metrics = _read_json(run_dir / "metrics.json")
-    _read_json(run_dir / "adapter_config.json")
-    base = _field(run_manifest, "base_model", dict, run_dir / "run_manifest.json")
-    primary = _field(metrics, "primary_metric", str, run_dir / "metrics.json")
-    tuned = _field(metrics, "tuned", dict, run_dir / "metrics.json")
-    task_name = _field(run_manifest, "task", str, run_dir / "run_manifest.json")
-    model_name = _field(base, "name", str, run_dir / "run_manifest.json", "base_model.name")
-    return _Run(
-        path=run_dir,
-        task=slug(task_name, "task"),
-        task_name=task_name,
-        base_model=slug(model_name, "base model"),
-        base_model_name=model_name,
-        weights_sha256=_field(
-            base, "weights_sha256", str, run_dir / "run_manifest.json", "base_model.weights_sha256"
-        ),
-        files=files,
-        version=compute_version([(f["name"], f["sha256"]) for f in files]),
-        metric_name=primary,
-        metric_value=float(
-            _field(tuned, primary, (int, float), run_dir / "metrics.json", f"tuned.{primary}")
-        ),
-        metrics=metrics,
-        eval_fingerprint=_field(metrics, "eval_fingerprint", str, run_dir / "metrics.json"),
-    )
-
-
-def _manifest(run: _Run) -> dict[str, Any]:
-    from softprompt import __version__
-
-    def numbers(block: Any) -> dict[str, float]:
-        items = block.items() if isinstance(block, dict) else []
-        return {k: float(v) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-    return {
-        "format": MANIFEST_FORMAT,
-        "task": run.task,
-        "task_name": run.task_name,
-        "base_model": {
-            "name": run.base_model_name,
-            "key": run.base_model,
-            "weights_sha256": run.weights_sha256,
-        },
-        "version": run.version,
-        "files": run.files,
-        "metric": {"name": run.metric_name, "value": run.metric_value, "split": run.metrics.get("split")},
-        "metrics": numbers(run.metrics["tuned"]),
-        "baselines": {k: numbers(run.metrics.get(k)) for k in ("zero_shot", "few_shot") if k in run.metrics},
-        "eval_fingerprint": run.eval_fingerprint,
-        "created_at": _now().isoformat(timespec="seconds"),
-        "softprompt_version": __version__,
-    }
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"cannot read {path} as JSON ({e}); re-run the stage that writes it") from e
-    if not isinstance(data, dict):
-        raise StoreError(f"{path} holds a JSON {type(data).__name__}, expected an object")
-    return data
-
-
-def _field(data: dict[str, Any], name: str, kind: Any, path: Path, label: str | None = None) -> Any:
-    value = data.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) or value == "":
-        raise StoreError(f"{path}: field {label or name!r} is missing or invalid (got {value!r})")
-    return value
-
-
-def _stored_matches(store: ArtifactStore, key: str, sha256: str) -> bool:
-    """True if `key` holds these bytes, False if absent; IntegrityError if it holds others."""
-    info = store.head(key)
-    if info is None:
-        return False
-    stored = info.sha256 or hashlib.sha256(store.get_bytes(key)).hexdigest()
-    if stored != sha256:
-        raise IntegrityError(
-            f"{store.uri(key)} already exists with sha256 {stored}, but this version needs {sha256}; a "
-            "version's files never change, so the store is damaged or was edited by hand — delete that "
-            "version folder (if it has no MANIFEST.json nothing uses it) and publish again"
-        )
-    return True
-
-
-def _try_manifest(store: ArtifactStore, task: str, model: str, version: str) -> dict[str, Any] | None:
-    try:
-        return _load_manifest(store, task, model, version)
-    except NotFoundError:
-        return None
-
-
 def _load_manifest(store: ArtifactStore, task: str, model: str, version: str) -> dict[str, Any]:
     key = f"{task}/{model}/{version}/{MANIFEST}"
     try:
@@ -706,116 +323,6 @@ def _read_pointer(store: ArtifactStore, task: str, model: str) -> tuple[dict[str
     return pointer, info.etag
 
 
-def _metric_value(manifest: dict[str, Any], metric: str, where: str) -> float:
-    value = manifest.get("metrics", {}).get(metric)
-    if value is None:
-        raise StoreError(
-            f"{where} has no tuned metric {metric!r}; choose one of {sorted(manifest.get('metrics', {}))}"
-        )
-    return float(value)
-
-
-def _gate_refusal(
-    store: ArtifactStore,
-    task: str,
-    model: str,
-    current: str,
-    challenger: dict[str, Any],
-    value: float,
-    gate: Gate,
-) -> tuple[str | None, float | None]:
-    try:
-        champion = _load_manifest(store, task, model, current)
-    except NotFoundError:
-        return f"the current champion {current} has no {MANIFEST}; nothing to compare against", None
-    champion_value = champion.get("metrics", {}).get(gate.metric)
-    if champion_value is None:
-        return f"champion {current} has no {gate.metric!r} to compare against", None
-    if champion["eval_fingerprint"] != challenger["eval_fingerprint"]:
-        return (
-            f"champion {current} was evaluated on eval set {champion['eval_fingerprint']!r} but "
-            f"{challenger['version']} on {challenger['eval_fingerprint']!r}; scores on different eval sets are "
-            "not comparable — evaluate both on the same split, or pass --force --reason '...'",
-            float(champion_value),
-        )
-    delta = value - float(champion_value)
-    if delta <= gate.min_delta:
-        return (
-            f"{challenger['version']} {gate.metric}={value:.4f} does not beat champion {current} "
-            f"({float(champion_value):.4f}) by more than {gate.min_delta} (delta {delta:+.4f})",
-            float(champion_value),
-        )
-    return None, float(champion_value)
-
-
-def _pointer_record(
-    task: str,
-    model: str,
-    manifest: dict[str, Any],
-    metric: str,
-    value: float,
-    action: str,
-    forced: bool,
-    reason: str,
-    previous: str | None,
-) -> dict[str, Any]:
-    return {
-        "task": task,
-        "base_model": model,
-        "version": manifest["version"],
-        "metric": {"name": metric, "value": value},
-        "eval_fingerprint": manifest["eval_fingerprint"],
-        "promoted_at": _now().isoformat(timespec="microseconds"),
-        "action": action,
-        "forced": forced,
-        "reason": reason,
-        "previous": previous,
-    }
-
-
-def _move_pointer(
-    store: ArtifactStore, task: str, model: str, record: dict[str, Any], etag: str | None, current: str | None
-) -> None:
-    key = f"{task}/{model}/{CHAMPION}"
-    body = json.dumps(record, indent=2, sort_keys=True).encode()
-    try:
-        if etag is None:
-            store.put_bytes(key, body, if_none_match=True)
-        else:
-            store.put_bytes(key, body, if_match=etag)
-    except ConflictError:
-        now, _ = _read_pointer(store, task, model)
-        raise ConflictError(
-            f"another promotion moved champion of {task}/{model} from {current or 'none'} to "
-            f"{now['version'] if now else 'none'} while you were promoting {record['version']}; "
-            "re-run to compare against the new champion"
-        ) from None
-    # History goes after the pointer: a crash in between loses a log line but never records a
-    # move that did not happen; rollback reads `previous` from the pointer itself.
-    history = {**record, "from_version": current}
-    stamp = _now().strftime("%Y%m%dT%H%M%S%fZ")
-    for attempt in range(3):  # only collides if two moves share a microsecond
-        try:
-            store.put_bytes(
-                f"{task}/{model}/history/{stamp}{'-' * attempt}-{record['version']}.json",
-                json.dumps(history, indent=2, sort_keys=True).encode(),
-                if_none_match=True,
-            )
-            return
-        except ConflictError:
-            continue
-
-
-def _previous_of(store: ArtifactStore, task: str, model: str, version: str) -> str | None:
-    """What a rollback from `version` should go to: its `previous` when it last became champion."""
-    keys = [k for k in store.list(f"{task}/{model}/history/") if k.endswith(f"-{version}.json")]
-    if not keys:
-        return None
-    record = json.loads(store.get_bytes(max(keys)))
-    previous = record.get("previous")
-    return str(previous) if previous else None
-
-
 def _info(
     store: ArtifactStore, task: str, model: str, manifest: dict[str, Any], pointer: dict[str, Any] | None
 ) -> VersionInfo:
@@ -832,7 +339,3 @@ def _info(
         is_champion=bool(pointer and pointer.get("version") == version),
         manifest=manifest,
     )
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)

@@ -1,0 +1,306 @@
+"""The champion pointer: which version serves, moved only by gated promotion or rollback.
+
+`<task>/<base_model>/champion.json` names the champion; every move is a compare-and-swap on the
+pointer's etag (create-only for the first champion), so two racing promotions cannot both win,
+and each move appends a record under `history/`. Reading the pointer (and the `champion` alias)
+is `versions.py`'s, since listing, showing and pulling versions need it too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from softprompt.errors import ConfigError, ConflictError, StoreError
+from softprompt.registry.store import ArtifactStore, NotFoundError
+from softprompt.registry.versions import (
+    CHAMPION,
+    MANIFEST,
+    _check_version,
+    _load_manifest,
+    _read_pointer,
+    slug,
+)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """When a challenger may replace the champion."""
+
+    metric: str = "accuracy"
+    """Metric compared (from the tuned metrics in metrics.json); higher is better."""
+    min_delta: float = 0.0
+    """The challenger must beat the champion by strictly more than this (same eval set only)."""
+
+    def __post_init__(self) -> None:
+        if not self.metric:
+            raise ConfigError("gate metric is empty; pass --metric accuracy (or another tuned metric)")
+        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise ConfigError(f"gate min_delta={self.min_delta}; use a number >= 0 (e.g. --min-delta 0.005)")
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    """What `promote` or `rollback` did to the champion pointer."""
+
+    action: str
+    """'promote' or 'rollback'."""
+    status: str
+    """'promoted' or 'rolled_back' (pointer moved), 'refused' (gate said no), 'unchanged' (already champion)."""
+    task: str
+    base_model: str
+    version: str
+    """The version asked for."""
+    promoted: bool
+    """True when the pointer now names `version` because of this call."""
+    previous: str | None
+    """The champion before this call (None when there was none)."""
+    forced: bool
+    """True when --force overrode a gate refusal."""
+    metric: str
+    value: float | None
+    """The version's value of `metric`."""
+    champion_value: float | None
+    """The previous champion's value of `metric`, when there was one."""
+    message: str
+
+
+def promote(
+    store: ArtifactStore,
+    task: str,
+    base_model: str,
+    version: str,
+    *,
+    gate: Gate = Gate(),  # a frozen dataclass, so a shared default is safe
+    force: bool = False,
+    reason: str = "",
+) -> PromotionResult:
+    """Make `version` the champion if it beats the current one on the same eval set.
+
+    Args:
+        store: where the registry lives.
+        task: task name (sanitized like at publish).
+        base_model: base-model name, e.g. 'HuggingFaceTB/SmolLM2-135M-Instruct' or its key segment.
+        version: a published version id.
+        gate: the metric and the margin the challenger must beat the champion by.
+        force: promote even when the gate refuses (recorded as forced in the pointer and history).
+        reason: free text recorded with the promotion.
+
+    Returns:
+        `promoted=False` with a message saying why when the gate refused.
+
+    Raises:
+        ConflictError: another promotion moved the pointer meanwhile; re-run to compare again.
+        StoreError: unknown version or metric, or the store fails.
+    """
+    task, model = slug(task, "task"), slug(base_model, "base model")
+    challenger = _load_manifest(store, task, model, _check_version(version))
+    value = _metric_value(challenger, gate.metric, store.uri(f"{task}/{model}/{version}/{MANIFEST}"))
+    pointer, etag = _read_pointer(store, task, model)
+    current = pointer["version"] if pointer else None
+
+    def result(status: str, forced: bool, champion_value: float | None, message: str) -> PromotionResult:
+        return PromotionResult(
+            action="promote",
+            status=status,
+            task=task,
+            base_model=model,
+            version=version,
+            promoted=status == "promoted",
+            previous=current,
+            forced=forced,
+            metric=gate.metric,
+            value=value,
+            champion_value=champion_value,
+            message=message,
+        )
+
+    if current == version:
+        return result(
+            "unchanged", False, value, f"{version} is already the champion of {task}/{model}; nothing to do"
+        )
+    refusal, champion_value = None, None
+    if current is not None:
+        refusal, champion_value = _gate_refusal(store, task, model, current, challenger, value, gate)
+        if refusal and not force:
+            return result("refused", False, champion_value, f"not promoted: {refusal}")
+    forced = refusal is not None
+    record = _pointer_record(task, model, challenger, gate.metric, value, "promote", forced, reason, current)
+    _move_pointer(store, task, model, record, etag, current)
+    how = f" (forced past: {refusal})" if refusal else ""
+    beaten = f" over {current} ({champion_value})" if current else " (first champion)"
+    message = f"promoted {version} to champion of {task}/{model}: {gate.metric}={value:.4f}{beaten}{how}"
+    return result("promoted", forced, champion_value, message)
+
+
+def rollback(
+    store: ArtifactStore, task: str, base_model: str, to_version: str | None = None, *, reason: str = ""
+) -> PromotionResult:
+    """Move the champion pointer back, without a gate, and record it in the history.
+
+    Args:
+        store: where the registry lives.
+        task: task name.
+        base_model: base-model name or key segment.
+        to_version: the version to serve again; None means the champion before the current one
+            (repeated rollbacks walk further back, like an undo stack).
+        reason: free text recorded with the rollback.
+
+    Raises:
+        ConflictError: another promotion moved the pointer meanwhile.
+        StoreError: no champion, no previous champion, or unknown version.
+    """
+    task, model = slug(task, "task"), slug(base_model, "base model")
+    pointer, etag = _read_pointer(store, task, model)
+    if pointer is None:
+        raise StoreError(f"{task}/{model} has no champion in {store.uri()}; nothing to roll back")
+    current = str(pointer["version"])
+    target = to_version or pointer.get("previous")
+    if not target:
+        raise StoreError(
+            f"champion {current} of {task}/{model} has no previous champion; pass --to VERSION "
+            "(see `softprompt registry list`)"
+        )
+    manifest = _load_manifest(store, task, model, _check_version(str(target)))
+    metric = str(manifest["metric"]["name"])
+    value = float(manifest["metric"]["value"])
+    moved = target != current
+    if moved:
+        previous = _previous_of(store, task, model, target)
+        record = _pointer_record(task, model, manifest, metric, value, "rollback", False, reason, previous)
+        _move_pointer(store, task, model, record, etag, current)
+    message = (
+        f"rolled back champion of {task}/{model} from {current} to {target}"
+        if moved
+        else f"{target} is already the champion of {task}/{model}; nothing to do"
+    )
+    return PromotionResult(
+        action="rollback",
+        status="rolled_back" if moved else "unchanged",
+        task=task,
+        base_model=model,
+        version=target,
+        promoted=moved,
+        previous=current,
+        forced=False,
+        metric=metric,
+        value=value,
+        champion_value=None,
+        message=message,
+    )
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _metric_value(manifest: dict[str, Any], metric: str, where: str) -> float:
+    value = manifest.get("metrics", {}).get(metric)
+    if value is None:
+        raise StoreError(
+            f"{where} has no tuned metric {metric!r}; choose one of {sorted(manifest.get('metrics', {}))}"
+        )
+    return float(value)
+
+
+def _gate_refusal(
+    store: ArtifactStore,
+    task: str,
+    model: str,
+    current: str,
+    challenger: dict[str, Any],
+    value: float,
+    gate: Gate,
+) -> tuple[str | None, float | None]:
+    try:
+        champion = _load_manifest(store, task, model, current)
+    except NotFoundError:
+        return f"the current champion {current} has no {MANIFEST}; nothing to compare against", None
+    champion_value = champion.get("metrics", {}).get(gate.metric)
+    if champion_value is None:
+        return f"champion {current} has no {gate.metric!r} to compare against", None
+    if champion["eval_fingerprint"] != challenger["eval_fingerprint"]:
+        return (
+            f"champion {current} was evaluated on eval set {champion['eval_fingerprint']!r} but "
+            f"{challenger['version']} on {challenger['eval_fingerprint']!r}; scores on different eval sets are "
+            "not comparable — evaluate both on the same split, or pass --force --reason '...'",
+            float(champion_value),
+        )
+    delta = value - float(champion_value)
+    if delta <= gate.min_delta:
+        return (
+            f"{challenger['version']} {gate.metric}={value:.4f} does not beat champion {current} "
+            f"({float(champion_value):.4f}) by more than {gate.min_delta} (delta {delta:+.4f})",
+            float(champion_value),
+        )
+    return None, float(champion_value)
+
+
+def _pointer_record(
+    task: str,
+    model: str,
+    manifest: dict[str, Any],
+    metric: str,
+    value: float,
+    action: str,
+    forced: bool,
+    reason: str,
+    previous: str | None,
+) -> dict[str, Any]:
+    return {
+        "task": task,
+        "base_model": model,
+        "version": manifest["version"],
+        "metric": {"name": metric, "value": value},
+        "eval_fingerprint": manifest["eval_fingerprint"],
+        "promoted_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        "action": action,
+        "forced": forced,
+        "reason": reason,
+        "previous": previous,
+    }
+
+
+def _move_pointer(
+    store: ArtifactStore, task: str, model: str, record: dict[str, Any], etag: str | None, current: str | None
+) -> None:
+    key = f"{task}/{model}/{CHAMPION}"
+    body = json.dumps(record, indent=2, sort_keys=True).encode()
+    try:
+        if etag is None:
+            store.put_bytes(key, body, if_none_match=True)
+        else:
+            store.put_bytes(key, body, if_match=etag)
+    except ConflictError:
+        now, _ = _read_pointer(store, task, model)
+        raise ConflictError(
+            f"another promotion moved champion of {task}/{model} from {current or 'none'} to "
+            f"{now['version'] if now else 'none'} while you were promoting {record['version']}; "
+            "re-run to compare against the new champion"
+        ) from None
+    # History goes after the pointer: a crash in between loses a log line but never records a
+    # move that did not happen; rollback reads `previous` from the pointer itself.
+    history = {**record, "from_version": current}
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    for attempt in range(3):  # only collides if two moves share a microsecond
+        try:
+            store.put_bytes(
+                f"{task}/{model}/history/{stamp}{'-' * attempt}-{record['version']}.json",
+                json.dumps(history, indent=2, sort_keys=True).encode(),
+                if_none_match=True,
+            )
+            return
+        except ConflictError:
+            continue
+
+
+def _previous_of(store: ArtifactStore, task: str, model: str, version: str) -> str | None:
+    """What a rollback from `version` should go to: its `previous` when it last became champion."""
+    keys = [k for k in store.list(f"{task}/{model}/history/") if k.endswith(f"-{version}.json")]
+    if not keys:
+        return None
+    record = json.loads(store.get_bytes(max(keys)))
+    previous = record.get("previous")
+    return str(previous) if previous else None
