@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
 from softprompt.errors import ConflictError, IntegrityError, StoreError
-from softprompt.registry.store import (
+from softprompt.registry.objects import (
     _CHUNK,
     _INTERNAL_PREFIX,
     MiB,

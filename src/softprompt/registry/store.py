@@ -1,9 +1,10 @@
 """Artifact stores: one small Protocol with a local-disk and an S3 implementation.
 
-Stages and the registry only ever talk to an `ArtifactStore`. This module holds the protocol, key
-validation, `open_store` and `LocalStore`; `S3Store` lives in `registry/s3.py`, which `open_store`
-imports only for an `s3://` URI, and boto3 is imported lazily inside it, so the core runs (and its
-tests pass) without touching AWS.
+Stages and the registry only ever talk to an `ArtifactStore`. This module holds the protocol,
+`open_store` and `LocalStore`, and re-exports what every store shares (`ObjectInfo`,
+`NotFoundError`, `validate_key`, `sha256_file`, from `objects.py`); `S3Store` lives in `s3.py`.
+boto3 is imported lazily inside `S3Store`, so the core runs (and its tests pass) without touching
+AWS.
 
 Both stores give the same guarantees, which is what makes safe publishing possible:
 
@@ -22,34 +23,33 @@ import io
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
 from softprompt.errors import ConflictError, StoreError
+from softprompt.registry.objects import (
+    _CHUNK,
+    _INTERNAL_PREFIX,
+    MiB,
+    NotFoundError,
+    ObjectInfo,
+    _validate_prefix,
+    sha256_file,
+    validate_key,
+)
+from softprompt.registry.s3 import S3Store
 
-MiB = 1024 * 1024
-_CHUNK = 1 * MiB
-# LocalStore keeps its temp and lock files next to the target; keys may not use this prefix.
-_INTERNAL_PREFIX = ".softprompt-"
-
-
-class NotFoundError(StoreError):
-    """The key does not exist in the store."""
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """What a store knows about one stored object without downloading it."""
-
-    key: str
-    """The key, relative to the store's root."""
-    size: int
-    """Size in bytes."""
-    etag: str
-    """Opaque version tag (no quotes) to pass back as `if_match` for compare-and-swap."""
-    sha256: str | None
-    """Hex SHA-256 of the content when the store recorded one (always for softprompt writes)."""
+__all__ = [
+    "ArtifactStore",
+    "LocalStore",
+    "MiB",
+    "NotFoundError",
+    "ObjectInfo",
+    "S3Store",
+    "open_store",
+    "sha256_file",
+    "validate_key",
+]
 
 
 @runtime_checkable
@@ -109,60 +109,12 @@ def open_store(
         bucket, _, prefix = uri[len("s3://") :].partition("/")
         if not bucket:
             raise StoreError(f"store URI {uri!r} has no bucket; write it as s3://BUCKET/PREFIX")
-        from softprompt.registry.s3 import S3Store  # here: s3.py imports this module
-
         return S3Store(bucket, prefix, endpoint_url=endpoint_url, region=region, profile=profile)
     if "://" in uri and not uri.startswith("file://"):
         raise StoreError(f"unsupported store URI {uri!r}; use s3://BUCKET/PREFIX or a local folder path")
     return LocalStore(Path(uri[len("file://") :] if uri.startswith("file://") else uri))
 
 
-def validate_key(key: str, *, what: str = "key") -> str:
-    """Return `key` if it is a safe relative '/'-separated key, else raise StoreError saying why.
-
-    Rejected: empty keys, absolute paths, backslashes, NUL or control characters, empty, '.' and
-    '..' segments, and segments starting with '.softprompt-' (LocalStore's temp files).
-    """
-    problem = _key_problem(key)
-    if problem:
-        raise StoreError(
-            f"invalid {what} {key!r}: {problem}; use a relative path like 'task/model/file.json'"
-        )
-    return key
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _key_problem(key: str) -> str | None:
-    if not isinstance(key, str) or not key:
-        return "it is empty"
-    if len(key.encode("utf-8")) > 1024:
-        return "it is longer than 1024 bytes"
-    if "\\" in key:
-        return "it contains a backslash"
-    if any(ord(c) < 32 for c in key):
-        return "it contains NUL or a control character"
-    if key.startswith("/"):
-        return "it is absolute"
-    for segment in key.split("/"):
-        if segment in ("", ".", ".."):
-            return f"it has an empty, '.' or '..' segment ({segment!r})"
-        if segment.startswith(_INTERNAL_PREFIX):
-            return f"segments starting with {_INTERNAL_PREFIX!r} are reserved"
-    return None
-
-
-def _validate_prefix(prefix: str) -> str:
-    if prefix:
-        validate_key(prefix.rstrip("/") or "/", what="prefix")
-    return prefix
 
 
 # --------------------------------------------------------------------------------------------- local
