@@ -37,7 +37,16 @@ def make_run(folder: Path, *, accuracy: float = 0.8, fingerprint: str = "eval-a"
     (folder / "adapter_model.safetensors").write_bytes(b"\x08\x00" + hashlib.sha256(seed.encode()).digest())
     (folder / "run_manifest.json").write_text(
         json.dumps(
-            {"task": "Intent", "base_model": {"name": MODEL, "weights_sha256": "ab" * 32}, "git_sha": "x"}
+            {
+                "task": "Intent",
+                "base_model": {"name": MODEL, "weights_sha256": "ab" * 32},
+                # the provenance publish requires (registry.publishing.PROVENANCE_FIELDS)
+                "git": {"sha": "x", "dirty": False},
+                "packages": {"softprompt": "0"},
+                "config": {"task": {"name": "Intent"}},
+                "dataset": {"fingerprint": "d"},
+                "train": {"steps": 1},
+            }
         )
     )
     metrics = {
@@ -355,7 +364,10 @@ def test_bad_run_folders_and_names_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"link\.json is a symlink; sub is a folder; missing report\.html"):
         publish(store, run)
     bad = make_run(tmp_path / "bad")
-    (bad / "run_manifest.json").write_text(json.dumps({"task": "intent cls!", "base_model": {"name": "m"}}))
+    provenance = json.loads((bad / "run_manifest.json").read_text())
+    (bad / "run_manifest.json").write_text(
+        json.dumps({**provenance, "task": "intent cls!", "base_model": {"name": "m"}})
+    )
     with pytest.raises(StoreError, match="task 'intent cls!' cannot be a registry key"):
         publish(store, bad)
     with pytest.raises(StoreError, match="no champion yet"):
