@@ -19,9 +19,9 @@ from softprompt.registry.store import ArtifactStore, NotFoundError
 from softprompt.registry.versions import (
     CHAMPION,
     MANIFEST,
-    _check_version,
-    _load_manifest,
-    _read_pointer,
+    check_version,
+    load_manifest,
+    read_pointer,
     slug,
 )
 
@@ -97,9 +97,9 @@ def promote(
         StoreError: unknown version or metric, or the store fails.
     """
     task, model = slug(task, "task"), slug(base_model, "base model")
-    challenger = _load_manifest(store, task, model, _check_version(version))
+    challenger = load_manifest(store, task, model, check_version(version))
     value = _metric_value(challenger, gate.metric, store.uri(f"{task}/{model}/{version}/{MANIFEST}"))
-    pointer, etag = _read_pointer(store, task, model)
+    pointer, etag = read_pointer(store, task, model)
     current = pointer["version"] if pointer else None
 
     def result(status: str, forced: bool, champion_value: float | None, message: str) -> PromotionResult:
@@ -154,7 +154,7 @@ def rollback(
         StoreError: no champion, no previous champion, or unknown version.
     """
     task, model = slug(task, "task"), slug(base_model, "base model")
-    pointer, etag = _read_pointer(store, task, model)
+    pointer, etag = read_pointer(store, task, model)
     if pointer is None:
         raise StoreError(f"{task}/{model} has no champion in {store.uri()}; nothing to roll back")
     current = str(pointer["version"])
@@ -164,7 +164,7 @@ def rollback(
             f"champion {current} of {task}/{model} has no previous champion; pass --to VERSION "
             "(see `softprompt registry list`)"
         )
-    manifest = _load_manifest(store, task, model, _check_version(str(target)))
+    manifest = load_manifest(store, task, model, check_version(str(target)))
     metric = str(manifest["metric"]["name"])
     value = float(manifest["metric"]["value"])
     moved = target != current
@@ -215,7 +215,7 @@ def _gate_refusal(
     gate: Gate,
 ) -> tuple[str | None, float | None]:
     try:
-        champion = _load_manifest(store, task, model, current)
+        champion = load_manifest(store, task, model, current)
     except NotFoundError:
         return f"the current champion {current} has no {MANIFEST}; nothing to compare against", None
     champion_value = champion.get("metrics", {}).get(gate.metric)
@@ -274,7 +274,7 @@ def _move_pointer(
         else:
             store.put_bytes(key, body, if_match=etag)
     except ConflictError:
-        now, _ = _read_pointer(store, task, model)
+        now, _ = read_pointer(store, task, model)
         raise ConflictError(
             f"another promotion moved champion of {task}/{model} from {current or 'none'} to "
             f"{now['version'] if now else 'none'} while you were promoting {record['version']}; "

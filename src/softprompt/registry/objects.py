@@ -15,9 +15,9 @@ from pathlib import Path
 from softprompt.errors import StoreError
 
 MiB = 1024 * 1024
-_CHUNK = 1 * MiB
+CHUNK = 1 * MiB
 # LocalStore keeps its temp and lock files next to the target; keys may not use this prefix.
-_INTERNAL_PREFIX = ".softprompt-"
+INTERNAL_PREFIX = ".softprompt-"
 
 
 class NotFoundError(StoreError):
@@ -52,11 +52,18 @@ def validate_key(key: str, *, what: str = "key") -> str:
     return key
 
 
+def validate_prefix(prefix: str) -> str:
+    """Return `prefix` (a key prefix for `list`, possibly ending in '/') if its key part is valid."""
+    if prefix:
+        validate_key(prefix.rstrip("/") or "/", what="prefix")
+    return prefix
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
+        for chunk in iter(lambda: f.read(CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -75,12 +82,6 @@ def _key_problem(key: str) -> str | None:
     for segment in key.split("/"):
         if segment in ("", ".", ".."):
             return f"it has an empty, '.' or '..' segment ({segment!r})"
-        if segment.startswith(_INTERNAL_PREFIX):
-            return f"segments starting with {_INTERNAL_PREFIX!r} are reserved"
+        if segment.startswith(INTERNAL_PREFIX):
+            return f"segments starting with {INTERNAL_PREFIX!r} are reserved"
     return None
-
-
-def _validate_prefix(prefix: str) -> str:
-    if prefix:
-        validate_key(prefix.rstrip("/") or "/", what="prefix")
-    return prefix

@@ -17,7 +17,7 @@ from typing import Any
 
 from softprompt.errors import ConflictError, IntegrityError, StoreError
 from softprompt.registry.store import ArtifactStore, NotFoundError, sha256_file
-from softprompt.registry.versions import MANIFEST, MANIFEST_FORMAT, _load_manifest, compute_version, slug
+from softprompt.registry.versions import MANIFEST, MANIFEST_FORMAT, compute_version, load_manifest, slug
 
 REQUIRED_FILES = (
     "adapter_config.json",
@@ -89,7 +89,7 @@ def publish(store: ArtifactStore, run_dir: Path) -> PublishResult:
             )
             return PublishResult(run.task, run.base_model, run.version, store.uri(base), True, message)
         except ConflictError:
-            existing = _load_manifest(store, run.task, run.base_model, run.version)
+            existing = load_manifest(store, run.task, run.base_model, run.version)
     if {(f["name"], f["sha256"]) for f in existing["files"]} != {(f["name"], f["sha256"]) for f in run.files}:
         raise IntegrityError(
             f"{store.uri(base)}/{MANIFEST} lists other files than {run.path}; the version is damaged. "
@@ -237,6 +237,6 @@ def _stored_matches(store: ArtifactStore, key: str, sha256: str) -> bool:
 
 def _try_manifest(store: ArtifactStore, task: str, model: str, version: str) -> dict[str, Any] | None:
     try:
-        return _load_manifest(store, task, model, version)
+        return load_manifest(store, task, model, version)
     except NotFoundError:
         return None

@@ -24,14 +24,14 @@ from typing import IO, Any, Literal, TypeVar
 
 from softprompt.errors import ConflictError, IntegrityError, StoreError
 from softprompt.registry.objects import (
-    _CHUNK,
-    _INTERNAL_PREFIX,
+    CHUNK,
+    INTERNAL_PREFIX,
     MiB,
     NotFoundError,
     ObjectInfo,
-    _validate_prefix,
     sha256_file,
     validate_key,
+    validate_prefix,
 )
 
 AddressingStyle = Literal["auto", "path", "virtual"]
@@ -159,7 +159,7 @@ class S3Store:
         dest.parent.mkdir(parents=True, exist_ok=True)
 
         def download() -> None:
-            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f"{_INTERNAL_PREFIX}tmp-")
+            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f"{INTERNAL_PREFIX}tmp-")
             try:
                 with os.fdopen(fd, "wb") as out:
                     self._download(key, out)
@@ -185,7 +185,7 @@ class S3Store:
 
     def list(self, prefix: str = "") -> list[str]:
         """See `ArtifactStore.list`."""
-        _validate_prefix(prefix)
+        validate_prefix(prefix)
         stem = prefix.rstrip("/")
         full = self._full(stem) if stem else self.prefix
         if full and (prefix.endswith("/") or not stem):
@@ -279,7 +279,7 @@ class S3Store:
             "download", key, lambda: self._client().get_object(**self._loc(key), ChecksumMode="ENABLED")
         )
         digest = hashlib.sha256()
-        for chunk in response["Body"].iter_chunks(_CHUNK):
+        for chunk in response["Body"].iter_chunks(CHUNK):
             digest.update(chunk)
             out.write(chunk)
         expected = _recorded_sha(response)

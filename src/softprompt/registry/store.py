@@ -28,14 +28,14 @@ from typing import IO, Protocol, runtime_checkable
 
 from softprompt.errors import ConflictError, StoreError
 from softprompt.registry.objects import (
-    _CHUNK,
-    _INTERNAL_PREFIX,
+    CHUNK,
+    INTERNAL_PREFIX,
     MiB,
     NotFoundError,
     ObjectInfo,
-    _validate_prefix,
     sha256_file,
     validate_key,
+    validate_prefix,
 )
 from softprompt.registry.s3 import S3Store
 
@@ -179,15 +179,15 @@ class LocalStore:
 
     def list(self, prefix: str = "") -> list[str]:
         """See `ArtifactStore.list`."""
-        _validate_prefix(prefix)
+        validate_prefix(prefix)
         if not self.root.is_dir():
             return []
         keys = []
         for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(_INTERNAL_PREFIX)]
+            dirnames[:] = [d for d in dirnames if not d.startswith(INTERNAL_PREFIX)]
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for name in filenames:
-                if name.startswith(_INTERNAL_PREFIX):
+                if name.startswith(INTERNAL_PREFIX):
                     continue
                 key = name if rel == "." else f"{rel}/{name}"
                 if key.startswith(prefix):
@@ -219,7 +219,7 @@ class LocalStore:
                 except FileExistsError as e:
                     raise ConflictError(f"{self.uri(key)} already exists (create-only write refused)") from e
             elif if_match is not None:
-                with _flock(dest.parent / f"{_INTERNAL_PREFIX}lock-{dest.name}"):
+                with _flock(dest.parent / f"{INTERNAL_PREFIX}lock-{dest.name}"):
                     current = sha256_file(dest) if dest.is_file() else None
                     if current != if_match.strip('"'):
                         raise ConflictError(
@@ -236,10 +236,10 @@ class LocalStore:
 
 def _write_temp(folder: Path, src: IO[bytes]) -> tuple[Path, str]:
     digest = hashlib.sha256()
-    fd, name = tempfile.mkstemp(dir=folder, prefix=f"{_INTERNAL_PREFIX}tmp-")
+    fd, name = tempfile.mkstemp(dir=folder, prefix=f"{INTERNAL_PREFIX}tmp-")
     try:
         with os.fdopen(fd, "wb") as out:
-            for chunk in iter(lambda: src.read(_CHUNK), b""):
+            for chunk in iter(lambda: src.read(CHUNK), b""):
                 digest.update(chunk)
                 out.write(chunk)
             out.flush()

@@ -62,12 +62,12 @@ class VersionInfo:
 def list_versions(store: ArtifactStore, task: str, base_model: str) -> list[VersionInfo]:
     """Every visible (MANIFEST.json present) version of a task/model, oldest first."""
     task, model = slug(task, "task"), slug(base_model, "base model")
-    pointer, _ = _read_pointer(store, task, model)
+    pointer, _ = read_pointer(store, task, model)
     versions = []
     for key in store.list(f"{task}/{model}/"):
         parts = key.split("/")
         if len(parts) == 4 and parts[3] == MANIFEST and _VERSION_RE.match(parts[2]):
-            versions.append(_info(store, task, model, _load_manifest(store, task, model, parts[2]), pointer))
+            versions.append(_info(store, task, model, load_manifest(store, task, model, parts[2]), pointer))
     return sorted(versions, key=lambda v: (v.created_at, v.version))
 
 
@@ -85,8 +85,8 @@ def show(store: ArtifactStore, task: str, base_model: str, version: str = CHAMPI
     """Describe one version, or the champion when `version` is 'champion'."""
     task, model = slug(task, "task"), slug(base_model, "base model")
     resolved = _resolve_version(store, task, model, version)
-    pointer, _ = _read_pointer(store, task, model)
-    return _info(store, task, model, _load_manifest(store, task, model, resolved), pointer)
+    pointer, _ = read_pointer(store, task, model)
+    return _info(store, task, model, load_manifest(store, task, model, resolved), pointer)
 
 
 def pull(store: ArtifactStore, task: str, base_model: str, version: str, dest_dir: Path) -> Path:
@@ -103,7 +103,7 @@ def pull(store: ArtifactStore, task: str, base_model: str, version: str, dest_di
     """
     task, model = slug(task, "task"), slug(base_model, "base model")
     resolved = _resolve_version(store, task, model, version)
-    manifest = _load_manifest(store, task, model, resolved)
+    manifest = load_manifest(store, task, model, resolved)
     root = Path(dest_dir).expanduser().absolute()
     root.mkdir(parents=True, exist_ok=True)
     for entry in manifest["files"]:
@@ -227,10 +227,8 @@ def compute_version(files: list[tuple[str, str]]) -> str:
     return digest.hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------------------- helpers
-
-
-def _load_manifest(store: ArtifactStore, task: str, model: str, version: str) -> dict[str, Any]:
+def load_manifest(store: ArtifactStore, task: str, model: str, version: str) -> dict[str, Any]:
+    """A version's MANIFEST.json, checked; NotFoundError lists the published versions."""
     key = f"{task}/{model}/{version}/{MANIFEST}"
     try:
         data = store.get_bytes(key)
@@ -246,6 +244,34 @@ def _load_manifest(store: ArtifactStore, task: str, model: str, version: str) ->
     if (manifest["task"], manifest["base_model"].get("key"), manifest["version"]) != (task, model, version):
         raise IntegrityError(f"{store.uri(key)} describes another version; the registry was edited by hand")
     return manifest
+
+
+def read_pointer(store: ArtifactStore, task: str, model: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The champion pointer of a task/model and its etag (for a compare-and-swap), or (None, None)."""
+    # Head first, then get. If the pointer moves in between, we hold the older etag and our
+    # compare-and-swap fails safely. Get-then-head could pair old content with the new etag:
+    # the swap would then succeed against a champion we never compared with (a lost update).
+    key = f"{task}/{model}/{CHAMPION}"
+    info = store.head(key)
+    if info is None:
+        return None, None
+    try:
+        pointer = json.loads(store.get_bytes(key))
+    except NotFoundError:
+        return None, None
+    except ValueError as e:
+        raise IntegrityError(f"{store.uri(key)} is not valid JSON ({e}); roll back with --to VERSION") from e
+    return pointer, info.etag
+
+
+def check_version(version: str) -> str:
+    """Return `version` if it is a version id (16 hex digits), else raise StoreError."""
+    if not _VERSION_RE.match(version):
+        raise StoreError(f"version {version!r} is not a registry version id (16 hex digits, or 'champion')")
+    return version
+
+
+# ------------------------------------------------------------------------------------------- helpers
 
 
 def _parse_manifest(data: bytes, where: str) -> dict[str, Any]:
@@ -288,39 +314,16 @@ def _inside(root: Path, name: str) -> Path:
     return target
 
 
-def _check_version(version: str) -> str:
-    if not _VERSION_RE.match(version):
-        raise StoreError(f"version {version!r} is not a registry version id (16 hex digits, or 'champion')")
-    return version
-
-
 def _resolve_version(store: ArtifactStore, task: str, model: str, ref: str) -> str:
     if ref == CHAMPION_ALIAS:
-        pointer, _ = _read_pointer(store, slug(task, "task"), slug(model, "base model"))
+        pointer, _ = read_pointer(store, slug(task, "task"), slug(model, "base model"))
         if pointer is None:
             raise NotFoundError(
                 f"{task}/{model} has no champion yet in {store.uri()}; promote a version first "
                 "(`softprompt promote`) or name a version"
             )
-        return _check_version(str(pointer["version"]))
-    return _check_version(ref)
-
-
-def _read_pointer(store: ArtifactStore, task: str, model: str) -> tuple[dict[str, Any] | None, str | None]:
-    # Head first, then get. If the pointer moves in between, we hold the older etag and our
-    # compare-and-swap fails safely. Get-then-head could pair old content with the new etag:
-    # the swap would then succeed against a champion we never compared with (a lost update).
-    key = f"{task}/{model}/{CHAMPION}"
-    info = store.head(key)
-    if info is None:
-        return None, None
-    try:
-        pointer = json.loads(store.get_bytes(key))
-    except NotFoundError:
-        return None, None
-    except ValueError as e:
-        raise IntegrityError(f"{store.uri(key)} is not valid JSON ({e}); roll back with --to VERSION") from e
-    return pointer, info.etag
+        return check_version(str(pointer["version"]))
+    return check_version(ref)
 
 
 def _info(
