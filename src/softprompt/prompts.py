@@ -163,7 +163,8 @@ def resolve_prompt_dir(ref: str | Path) -> Path:
             return candidate
     if str(ref).startswith("s3://"):
         from softprompt.registry import resolve_artifact
+        from softprompt.uris import artifact_cache
 
-        local = Path(resolve_artifact(str(ref), Path("~/.cache/softprompt/artifacts").expanduser()))
+        local = Path(resolve_artifact(str(ref), artifact_cache()))
         return resolve_prompt_dir(local)
     raise ModelError(f"no {ADAPTER_WEIGHTS} in {ref} or {ref}/adapter; point at a tuned prompt folder")

@@ -180,7 +180,7 @@ def _portable(cfg: JobConfig) -> JobConfig:
         absolute("data", key, True)
     absolute("model", "name", True)
     absolute("prompt", "init_from", True)
-    absolute("publish", "store", False)
+    absolute("publish", "registry", False)
     absolute("ray", "storage_path", False)
     raw["workdir"] = str(Path(raw["workdir"]).resolve())
     raw["ray"]["address"] = None
