@@ -136,7 +136,7 @@ def test_run_submitted_as_a_ray_job_and_a_retry_reattaches(
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "submitted Ray job softprompt-run-job-" in out
-    assert "[2/4] tune (1 trials, 1 Ray Train workers each)" in out  # the job's log, streamed
+    assert "[2/4] tune (1 trial, 1 Ray Train workers each)" in out  # the job's log, streamed
     assert "SUCCEEDED" in out.splitlines()[-1]
     metrics = json.loads((tmp_path / "runs" / "job" / "artifact" / "metrics.json").read_text())
     assert metrics["split"] == "eval" and metrics["tuned"]["accuracy"] == pytest.approx(0.8)
