@@ -7,40 +7,49 @@ now, not as a failed trial an hour into a sweep.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from typing import Any
 
 from softprompt.config.schema import SEARCH_SPACE_TYPES, TUNABLE_SECTIONS, JobConfig, RayConfig
-from softprompt.config.typed import coerce, describe
+from softprompt.config.typed import (
+    coerce,
+    describe,
+    is_non_finite,
+    non_finite_problem,
+    shown,
+    takes_float,
+    type_hints,
+)
 
 
 def validate(cfg: JobConfig) -> list[str]:
     """Cross-field checks; returns every problem (empty when the configuration is usable)."""
-    problems: list[str] = []
+    problems: list[str] = _non_finite_problems(cfg)
     t, d, p, tr, ev = cfg.task, cfg.data, cfg.prompt, cfg.train, cfg.evaluate
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", t.name):
-        problems.append(f"task.name={t.name!r}: use lowercase letters, digits, '.', '_' or '-' (it becomes a folder and registry key)")
+        problems.append(f"task.name={shown(t.name)}: use lowercase letters, digits, '.', '_' or '-' (it becomes a folder and registry key)")
     if "{text}" not in t.template:
-        problems.append(f"task.template={t.template!r} has no {{text}} placeholder; add one where the input goes")
+        problems.append(f"task.template={shown(t.template)} has no {{text}} placeholder; add one where the input goes")
     if t.kind == "classification":
         if len(t.labels) < 2:
-            problems.append(f"task.labels={t.labels!r}: a classification task needs at least 2 labels")
+            problems.append(f"task.labels={shown(t.labels)}: a classification task needs at least 2 labels")
         if len(set(t.labels)) != len(t.labels):
-            problems.append(f"task.labels={t.labels!r} has duplicates")
+            problems.append(f"task.labels={shown(t.labels)} has duplicates")
         missing = [label for label in t.labels if not t.verbalizer.get(label)]
         if missing:
-            problems.append(f"task.verbalizer has no label words for {missing}; add e.g. `{missing[0]}: [' {missing[0]}']`")
+            problems.append(f"task.verbalizer has no label words for {shown(missing)}; add e.g. `{_short(missing[0])}: [' {_short(missing[0])}']`")
         extra = sorted(set(t.verbalizer) - set(t.labels))
         if extra:
-            problems.append(f"task.verbalizer names labels {extra} that are not in task.labels {t.labels}")
+            problems.append(f"task.verbalizer names labels {shown(extra)} that are not in task.labels {shown(t.labels)}")
         for label, words in t.verbalizer.items():
             for w in words:
                 if not w.strip():
-                    problems.append(f"task.verbalizer.{label} has an empty label word")
+                    problems.append(f"task.verbalizer.{_short(label)} has an empty label word")
         unknown_targets = sorted({v for v in d.label_map.values()} - set(t.labels))
         if unknown_targets:
-            problems.append(f"data.label_map maps to {unknown_targets}, which are not in task.labels {t.labels}")
+            problems.append(f"data.label_map maps to {shown(unknown_targets)}, which are not in task.labels {shown(t.labels)}")
     if not d.train:
         problems.append("data.train is empty; set it to a CSV/TSV/JSONL/Parquet path or s3:// URI")
     if not 0.0 < d.eval_fraction < 0.9:
@@ -82,6 +91,26 @@ def validate(cfg: JobConfig) -> list[str]:
     return problems
 
 
+def _short(text: str) -> str:
+    return text if len(text) <= 40 else f"{text[:40]}..."
+
+
+def _non_finite_problems(cfg: JobConfig) -> list[str]:
+    """NaN or infinity in any float field of any section: NaN passes every range check below, so
+    it is caught first, by type, for fields added later too. (The typed builder refuses them from
+    YAML; this catches a configuration built in code.)"""
+    problems: list[str] = []
+    for section, section_type in type_hints(JobConfig).items():
+        if not dataclasses.is_dataclass(section_type):
+            continue
+        values, hints = getattr(cfg, section), type_hints(typing.cast(type, section_type))
+        for field in dataclasses.fields(values):
+            value = getattr(values, field.name)
+            if takes_float(hints[field.name]) and isinstance(value, float) and not math.isfinite(value):
+                problems.append(non_finite_problem(f"{section}.{field.name}", value, field.default))
+    return problems
+
+
 def _ray_problems(r: RayConfig) -> list[str]:
     problems: list[str] = []
     if r.num_workers < 1:
@@ -103,7 +132,7 @@ def _ray_problems(r: RayConfig) -> list[str]:
     if r.checkpoints_to_keep < 1:
         problems.append(f"ray.checkpoints_to_keep={r.checkpoints_to_keep} must be at least 1 (resuming needs the latest)")
     if r.storage_path is not None and "://" in r.storage_path and not r.storage_path.startswith("s3://"):
-        problems.append(f"ray.storage_path={r.storage_path!r}: use a local folder or an s3://bucket/prefix URI")
+        problems.append(f"ray.storage_path={shown(r.storage_path)}: use a local folder or an s3://bucket/prefix URI")
     if r.storage_path is not None and r.storage_path.startswith("s3://") and not r.storage_path[5:].strip("/"):
         problems.append("ray.storage_path=s3:// needs a bucket: s3://bucket/prefix")
     return problems
@@ -147,23 +176,24 @@ def _tune_problems(cfg: JobConfig) -> list[str]:
         for value in candidates:
             ok, coerced = coerce(value, hints[section][name])
             if not ok:
-                problems.append(f"{where}: value {value!r} must be {describe(hints[section][name])}")
+                finite = " (a finite number, not NaN or infinity)" if is_non_finite(value) else ""
+                problems.append(f"{where}: value {shown(value)} must be {describe(hints[section][name])}{finite}")
                 continue
             trial = dataclasses.replace(
                 cfg,
                 tune=dataclasses.replace(t, search_space={}),
                 **{section: dataclasses.replace(getattr(cfg, section), **{name: coerced})},
             )
-            problems.extend(f"{where}: value {value!r} gives {p}" for p in validate(trial) if p not in base)
+            problems.extend(f"{where}: value {shown(value)} gives {p}" for p in validate(trial) if p not in base)
     return problems
 
 
 def _spec_problems(where: str, spec: Any) -> list[str]:
     if not isinstance(spec, dict) or spec.get("type") not in SEARCH_SPACE_TYPES:
-        return [f"{where}={spec!r}: needs type: one of {', '.join(SEARCH_SPACE_TYPES)} (e.g. {{type: loguniform, low: 0.001, high: 0.3}})"]
+        return [f"{where}={shown(spec)}: needs type: one of {', '.join(SEARCH_SPACE_TYPES)} (e.g. {{type: loguniform, low: 0.001, high: 0.3}})"]
     kind = spec["type"]
     keys = {"type", "values"} if kind == "choice" else {"type", "low", "high"}
-    problems = [f"{where}: unknown field {k!r} for type {kind}; fields: {', '.join(sorted(keys))}" for k in sorted(set(spec) - keys)]
+    problems = [f"{where}: unknown field {shown(k)} for type {kind}; fields: {', '.join(sorted(keys))}" for k in sorted(set(spec) - keys)]
     if kind == "choice":
         values = spec.get("values")
         if not isinstance(values, list) or not values:
@@ -172,8 +202,10 @@ def _spec_problems(where: str, spec: Any) -> list[str]:
     low, high = spec.get("low"), spec.get("high")
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
     if not numbers:
-        return [*problems, f"{where}: type {kind} needs numbers `low` and `high`, got low={low!r} high={high!r}"]
+        return [*problems, f"{where}: type {kind} needs numbers `low` and `high`, got low={shown(low)} high={shown(high)}"]
     assert isinstance(low, (int, float)) and isinstance(high, (int, float))
+    if any(isinstance(v, float) and not math.isfinite(v) for v in (low, high)):
+        return [*problems, f"{where}: low={low} high={high}: both must be finite numbers, not NaN or infinity"]
     if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
         problems.append(f"{where}: type int needs integer low and high")
     if low >= high:

@@ -11,7 +11,7 @@ import yaml
 
 from softprompt.config.checks import validate
 from softprompt.config.schema import JobConfig
-from softprompt.config.typed import build
+from softprompt.config.typed import build, shown
 from softprompt.errors import ConfigError, StoreError
 
 RENAMED = {
@@ -24,6 +24,11 @@ RENAMED = {
 }
 """Config keys of earlier releases -> their names now (docs/migration.md). A renamed key is an error
 that names the new one, never silently ignored."""
+
+MAX_YAML_NODES = 100_000
+"""The most values (scalars, lists, mappings) a config's YAML may hold once every alias (`*name`) is
+counted at each use. A real config holds a few hundred; an alias bomb (each list repeating the last
+one ten times) holds billions in 2 KB, and quoting one in a message took gigabytes."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
@@ -46,7 +51,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = str(path)
         try:
-            loaded = yaml.safe_load(_read_config_text(p))
+            loaded = load_yaml(_read_config_text(p), p)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p} is not valid YAML: {exc}", source) from exc
         if loaded is None:
@@ -64,6 +69,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML text as plain data, the way a config is read: YAML's safe subset, refusing text whose
+    aliases expand past `MAX_YAML_NODES` values or refer to themselves.
+
+    Args:
+        text: The YAML.
+        where: What holds it (a file, an override), for the message.
+
+    Raises:
+        ConfigError: the aliases expand too far or loop, naming `where` and the fix.
+        yaml.YAMLError: the text is not YAML.
+    """
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except _AliasBomb as exc:
+        raise ConfigError(f"{where}: {exc}; write the values out instead of nesting anchors (&name) and aliases (*name)") from None
+    finally:
+        loader.dispose()
 
 
 def config_from_dict(raw: dict[str, Any]) -> JobConfig:
@@ -129,6 +155,56 @@ def with_values(cfg: JobConfig, values: dict[str, Any]) -> JobConfig:
     return config_from_dict(raw)
 
 
+class _AliasBomb(Exception):
+    """YAML whose aliases expand past the limit or refer to themselves (the text says which)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that measures a document before building it. PyYAML builds an alias as a
+    shared reference, so loading a bomb is cheap; everything after (the typed builder walking it,
+    `repr` in a message, `dataclasses.asdict`) expands it in full."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node, MAX_YAML_NODES)
+        return node
+
+
+def _check_expanded_size(root: yaml.Node, limit: int) -> None:
+    """Raise `_AliasBomb` when the document under `root`, every alias expanded, holds more than
+    `limit` nodes or contains itself. Counts each shared node once (memoized), so it costs as much
+    as the text, not as its expansion."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the path from the root: seeing one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[key] > limit:
+                line = node.start_mark.line + 1
+                raise _AliasBomb(f"its aliases expand to more than {limit:,} values (at line {line})")
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise _AliasBomb(f"an alias at line {node.start_mark.line + 1} refers to a value that contains it")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
 def _read_config_text(path: str) -> str:
     """A config file's text: a local path, or `s3://bucket/key` (endpoint from $AWS_ENDPOINT_URL,
     credentials from the standard AWS chain) for jobs that start on a cluster."""
@@ -152,17 +228,20 @@ def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None
 def _parse_override(item: str, problems: list[str]) -> tuple[str, Any] | None:
     """`a.b=text` -> (`a.b`, the text read as YAML), or None with the problem recorded."""
     if "=" not in item:
-        problems.append(f"override {item!r} must look like section.key=value")
+        problems.append(f"override {shown(item)} must look like section.key=value")
         return None
     dotted, _, text = item.partition("=")
     key = ".".join(k for k in dotted.strip().split(".") if k)
     if not key:
-        problems.append(f"override {item!r} has no key before '='")
+        problems.append(f"override {shown(item)} has no key before '='")
         return None
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text, f"override {key}") if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return None
     return key, value
 
 
@@ -175,7 +254,7 @@ def _set_path(raw: dict[str, Any], dotted: str, value: Any, problems: list[str])
             child = {}
             node[k] = child
         if not isinstance(child, dict):
-            problems.append(f"{dotted}={value!r}: {k} is not a section")
+            problems.append(f"{dotted}={shown(value)}: {k} is not a section")
             return
         node = child
     node[keys[-1]] = value

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import re
+import reprlib
 import types
 import typing
 from typing import Any, Literal
@@ -26,7 +28,7 @@ def build(cls: type, raw: Any, prefix: str, problems: list[str], renamed: dict[s
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        problems.append(f"{where} must be a mapping, got {raw!r}")
+        problems.append(f"{where} must be a mapping, got {shown(raw)}")
         return cls()
     hints = type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -35,9 +37,10 @@ def build(cls: type, raw: Any, prefix: str, problems: list[str], renamed: dict[s
         if renamed and f"{prefix}{key}" in renamed:
             problems.append(f"{prefix}{key} was renamed to {renamed[f'{prefix}{key}']}: write that instead (docs/migration.md)")
             continue
-        close = _closest(str(key), list(fields))
+        name = _clip(str(key))
+        close = _closest(name, list(fields))
         hint = f" (did you mean {close!r}?)" if close else ""
-        problems.append(f"unknown key {prefix}{key}{hint}; valid keys of {where}: {', '.join(fields)}")
+        problems.append(f"unknown key {prefix}{name}{hint}; valid keys of {where}: {', '.join(fields)}")
     kwargs: dict[str, Any] = {}
     for name in fields:
         if name not in raw:
@@ -49,8 +52,10 @@ def build(cls: type, raw: Any, prefix: str, problems: list[str], renamed: dict[s
             ok, value = coerce(raw[name], tp)
             if ok:
                 kwargs[name] = value
+            elif is_non_finite(raw[name]) and takes_float(tp):
+                problems.append(non_finite_problem(f"{prefix}{name}", raw[name], fields[name].default))
             else:
-                problems.append(f"{prefix}{name}={raw[name]!r} must be {describe(tp)}")
+                problems.append(f"{prefix}{name}={shown(raw[name])} must be {describe(tp)}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:  # pragma: no cover - fields are checked above
@@ -67,7 +72,8 @@ def coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return (type(None) in args), None
-        if type(value) in args:  # `str | int` keeps YAML's 1 as the index 1, "1" as a name
+        # `str | int` keeps YAML's 1 as the index 1, "1" as a name; a float still has to be finite.
+        if type(value) in args and type(value) is not float:
             return True, value
         for arg in args:
             if arg is type(None):
@@ -104,15 +110,19 @@ def coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return (isinstance(value, int) and not isinstance(value, bool)), value
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
-                return True, float(value)
+                number = float(value)
             except OverflowError:  # an integer too large for a float
                 return False, None
         # YAML 1.1 reads `1e-5` (no dot) as text; it is a number to anyone writing a learning rate.
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            return True, float(value)
-        return False, None
+        elif isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            number = float(value)
+        # NaN passes every `<=`/`>=` range check and infinity most of them: neither is a setting.
+        if number is None or not math.isfinite(number):
+            return False, None
+        return True, number
     if tp is str:
         # YAML turns `0`/`1`/`true` into numbers/bools; label maps and names want the text back.
         if isinstance(value, str):
@@ -124,6 +134,11 @@ def coerce(value: Any, tp: Any) -> tuple[bool, Any]:
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_SHOWN = 200
+"""The most characters of a value that a message quotes."""
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, _SHOWN, _SHOWN
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 20
 
 
 def describe(tp: Any) -> str:
@@ -141,6 +156,43 @@ def describe(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Any: "anything"}.get(tp, str(tp))
+
+
+def is_non_finite(value: Any) -> bool:
+    """Whether `value` is NaN or an infinity: a float (YAML `.nan`, `.inf`, `1e999`) or text that
+    reads as one (`nan`, `inf`, `-Infinity`, as an `a.b=value` override gives them)."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return False
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def takes_float(tp: Any) -> bool:
+    """Whether a field of type `tp` holds a float (`float`, `float | None`)."""
+    return tp is float or float in typing.get_args(tp)
+
+
+def non_finite_problem(key: str, value: Any, default: Any = None) -> str:
+    """The message for a NaN or infinite value of the float setting `key`."""
+    example = f"e.g. {key}={default}" if isinstance(default, float) and math.isfinite(default) else "or null"
+    return f"{key}={shown(value)} is not a finite number: NaN and infinity are not settings; set a real number ({example})"
+
+
+def shown(value: Any, limit: int = _SHOWN) -> str:
+    """`repr(value)` for a message, at most about `limit` characters and never built in full: an
+    aliased YAML value can repr to hundreds of megabytes."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} chars)"
+    text = _SHORT_REPR.repr(value)
+    if isinstance(value, (list, tuple, dict, set)) and (len(text) > limit or _SHORT_REPR.fillvalue in text):
+        return f"{text[:limit]}... ({len(value)} items)"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def _clip(text: str, limit: int = _SHOWN) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def _closest(word: str, options: list[str]) -> str | None:

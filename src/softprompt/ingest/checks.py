@@ -79,6 +79,20 @@ class Checked:
     kept: list[Row]
     rejects: list[Reject]
     warnings: list[str]
+    unit: str = "line"
+    """What a row's number counts in messages: `line`, or `row` for Parquet."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one file's records are read: where each role lives and how messages name it."""
+
+    columns: dict[str, str | int]
+    """Role -> key or 0-based index."""
+    named: dict[str, str]
+    """Role -> the column as messages name it (`column 'review' (data.text_column)`)."""
+    width: int
+    unit: str
 
 
 def resolve_columns(source: Source, data: DataConfig) -> tuple[dict[str, str | int], list[str]]:
@@ -114,6 +128,12 @@ def resolve_columns(source: Source, data: DataConfig) -> tuple[dict[str, str | i
             resolved[role] = source.names.index(str(spec).strip())
         elif is_index(spec) and int(spec) < width:
             resolved[role] = int(spec)
+        elif is_index(spec) and source.fmt == "parquet" and source.names is not None:
+            shown = [_clip(n, 40) for n in source.names[:20]]
+            problems.append(
+                f"{source.where}: {option}={spec} but the file has {width} columns {shown}; "
+                f"set {option} to a column's name"
+            )
         elif is_index(spec):
             problems.append(
                 f"{source.where}: {option}={spec} but its rows have {width} fields "
@@ -159,14 +179,15 @@ def check_source(
     """
     task = cfg.task
     label_ids = {label: i for i, label in enumerate(task.labels)}
-    width = _usual_width(source)
+    named = {role: _column_named(source, role, getattr(cfg.data, f"{role}_column"), c) for role, c in columns.items()}
+    layout = _Layout(columns, named, _usual_width(source), source.unit)
     first_seen: dict[str, tuple[int, str]] = {}  # normalized text -> (line, label) of the first kept row
     seen_pairs: dict[tuple[str, str], int] = {}  # generation: (text, target) -> line
     kept: list[Row] = []
     rejects: list[Reject] = []
     records = tqdm(source.records, desc=f"ingest {source.split}", unit="row", disable=not progress)
     for rec in records:
-        outcome = _check_record(rec, columns, width, cfg, tokenizer, label_ids, first_seen, seen_pairs)
+        outcome = _check_record(rec, layout, cfg, tokenizer, label_ids, first_seen, seen_pairs)
         if isinstance(outcome, Row):
             kept.append(outcome)
             first_seen.setdefault(outcome.key, (outcome.line, outcome.label))
@@ -181,7 +202,7 @@ def check_source(
             f"{source.where}: line 1 was rejected ({rejects[0].reason}); if it is a header row, "
             "set data.header=true"
         )
-    return Checked(source.split, source.uri, source.sha256, len(source.records), kept, rejects, warnings)
+    return Checked(source.split, source.uri, source.sha256, len(source.records), kept, rejects, warnings, source.unit)
 
 
 def reject_leakage(checked: dict[str, Checked]) -> None:
@@ -189,11 +210,11 @@ def reject_leakage(checked: dict[str, Checked]) -> None:
     for split, against in (("eval", ("test",)), ("train", ("eval", "test"))):
         if split not in checked:
             continue
-        index: dict[str, tuple[str, str, int]] = {}
+        index: dict[str, tuple[str, str, str]] = {}
         for other in against:
             if other in checked:
                 for row in checked[other].kept:
-                    index.setdefault(row.key, (other, checked[other].uri, row.line))
+                    index.setdefault(row.key, (other, checked[other].uri, f"{checked[other].unit} {row.line}"))
         if not index:
             continue
         c = checked[split]
@@ -204,7 +225,7 @@ def reject_leakage(checked: dict[str, Checked]) -> None:
                 kept.append(row)
                 continue
             detail = (
-                f"the same text is in the {hit[0]} file ({hit[1]} line {hit[2]}); kept there, dropped here"
+                f"the same text is in the {hit[0]} file ({hit[1]} {hit[2]}); kept there, dropped here"
             )
             c.rejects.append(Reject(c.uri, row.line, "leakage", detail, _shown(row.text)))
         c.kept = kept
@@ -221,7 +242,7 @@ def file_problems(c: Checked, data: DataConfig, rejects_path: Path) -> list[str]
     for r in c.rejects:
         by_reason.setdefault(r.reason, []).append(r)
     top = sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), REJECT_REASONS.index(kv[0])))[:3]
-    reasons = "; ".join(f"{reason} {len(rs)} (e.g. line {rs[0].line}: {rs[0].detail})" for reason, rs in top)
+    reasons = "; ".join(f"{reason} {len(rs)} (e.g. {c.unit} {rs[0].line}: {rs[0].detail})" for reason, rs in top)
     if not c.kept:
         return [
             f"data.{c.split} file {c.uri} has no usable rows: all {c.rows_read} rows were rejected: {reasons}. "
@@ -256,10 +277,21 @@ def _usual_width(source: Source) -> int:
     return widths.most_common(1)[0][0] if widths else 0
 
 
+def _column_named(source: Source, role: str, spec: str | int | None, column: str | int) -> str:
+    """The column of a role as messages name it: by its name wherever the file has names (a
+    Parquet schema, a header row), never by an index the config did not write."""
+    option = f"data.{role}_column"
+    if isinstance(column, str):
+        return f"key {column!r} ({option})"
+    if source.names is not None and column < len(source.names):
+        name = _clip(source.names[column], 40)
+        return f"column {name!r} ({option}={spec})" if spec is not None and is_index(spec) else f"column {name!r} ({option})"
+    return f"field {column} ({option}={spec})"
+
+
 def _check_record(
     rec: Record,
-    columns: dict[str, str | int],
-    width: int,
+    layout: _Layout,
     cfg: JobConfig,
     tokenizer: Any,
     label_ids: dict[str, int],
@@ -268,17 +300,18 @@ def _check_record(
 ) -> Row | tuple[str, str, str]:
     """A kept row, or (reason, detail, text to show) for a rejected one."""
     data, task = cfg.data, cfg.task
+    unit, named, width = layout.unit, layout.named, layout.width
     if rec.values is None:
-        return "bad_row", f"line {rec.line} {rec.problem}", rec.raw
+        return "bad_row", f"{unit} {rec.line} {rec.problem}", rec.raw
     if isinstance(rec.values, list) and len(rec.values) != width:
         end = rec.line + rec.raw.count("\n")
         spans = f"; the record runs to line {end}: an unclosed quote?" if end > rec.line else ""
         return "bad_row", f"has {len(rec.values)} fields, expected {width}{spans}", rec.raw
     values: dict[str, str | None] = {}
-    for role, column in columns.items():
+    for role, column in layout.columns.items():
         value, problem = _as_str(_get(rec.values, column), numbers_ok=role != "text")
         if problem:
-            return "bad_row", f"the {role} (data.{role}_column={column!r}) {problem}", rec.raw
+            return "bad_row", f"the {role} in {named[role]} {problem}", rec.raw
         values[role] = value
     text, raw_label, slice_value = values["text"], values["label"], values.get("slice")
     if any(v is not None and _SURROGATE.search(v) for v in values.values()):
@@ -288,9 +321,9 @@ def _check_record(
             rec.raw,
         )
     if text is None or not text.strip():
-        return "missing_text", f"the text (data.text_column={data.text_column!r}) is empty", rec.raw
+        return "missing_text", f"the text in {named['text']} is empty", rec.raw
     if raw_label is None or not raw_label.strip():
-        return "missing_label", f"the label (data.label_column={data.label_column!r}) is empty", text
+        return "missing_label", f"the label in {named['label']} is empty", text
     if len(text) > data.max_text_chars:
         return (
             "too_long_chars",
@@ -312,11 +345,11 @@ def _check_record(
             )
         earlier = first_seen.get(key)
         if earlier is not None and earlier[1] == label:
-            return "duplicate", f"same text and label as line {earlier[0]}", text
+            return "duplicate", f"same text and label as {unit} {earlier[0]}", text
         if earlier is not None:
             return (
                 "conflicting_label",
-                f"line {earlier[0]} has the same text with label {earlier[1]!r}, this row says {label!r}",
+                f"{unit} {earlier[0]} has the same text with label {earlier[1]!r}, this row says {label!r}",
                 text,
             )
         label_id, target_ids = label_ids[label], list[int]()
@@ -326,7 +359,7 @@ def _check_record(
         label = raw_label
         earlier_line = seen_pairs.get((key, _normalize(label)))
         if earlier_line is not None:
-            return "duplicate", f"same text and target as line {earlier_line}", text
+            return "duplicate", f"same text and target as {unit} {earlier_line}", text
         label_id, target_ids = -1, encode_target(tokenizer, label)
     input_ids = encode_input(tokenizer, task.template, text)
     if len(input_ids) > data.max_tokens:

@@ -9,16 +9,19 @@ empty, the wrong encoding or format) raises a `DataError` that names it and the 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from softprompt.config import DataConfig, S3Config
 from softprompt.errors import DataError, StoreError
-from softprompt.uris import is_s3, read_bytes
+from softprompt.uris import is_s3, local_path, read_bytes
 
 FORMATS_BY_EXTENSION = {
     ".csv": "csv",
@@ -67,6 +70,11 @@ class Source:
     def where(self) -> str:
         """The file as error messages name it."""
         return f"data.{self.split} file {self.uri}"
+
+    @property
+    def unit(self) -> str:
+        """What a record's number counts, as messages say it: `row` (Parquet) or `line`."""
+        return "row" if self.fmt == "parquet" else "line"
 
 
 def read_source(split: str, uri: str, data: DataConfig, s3: S3Config) -> Source:
@@ -141,10 +149,49 @@ def _load(split: str, uri: str, s3: S3Config) -> bytes:
             return read_bytes(uri, endpoint=s3.endpoint, region=s3.region)
         except StoreError as exc:
             raise DataError(f"cannot read data.{split}={uri}: {exc}; check data.{split} and s3.endpoint") from exc
+    _check_local_file(split, uri)
     try:
         return read_bytes(uri)
     except StoreError as exc:
         raise DataError(f"data.{split} file {exc} (relative paths start at {Path.cwd()}); check data.{split}") from exc
+
+
+_NOT_REGULAR = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _check_local_file(split: str, uri: str) -> None:
+    """Refuse what is not a regular file before opening it: opening a FIFO waits for a writer
+    forever, and a symlink loop is not a missing file (though `Path.exists` says False for one)."""
+    path = local_path(uri)
+    where = f"data.{split} file {uri}"
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise DataError(
+                f"{where} is a symlink to {os.readlink(path)}, which does not exist; point data.{split} "
+                "at the real file or fix the link"
+            ) from None
+        return  # read_bytes says it does not exist, with the working folder
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(
+                f"{where} is a symlink loop (ELOOP: {path} or a folder on its way links back to itself); "
+                f"point data.{split} at the real file (`readlink -f` shows where the links lead)"
+            ) from None
+        raise DataError(f"cannot read {where}: {exc.strerror or exc}; check data.{split}") from exc
+    if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):  # read_bytes names a folder as such
+        return
+    kind = next((name for test, name in _NOT_REGULAR if test(info.st_mode)), "a special file")
+    raise DataError(
+        f"{where} is {kind}, not a regular file, and reading it could wait forever; save the data to a "
+        f"file and point data.{split} at it"
+    )
 
 
 def _pick_format(split: str, uri: str, data: DataConfig) -> str:

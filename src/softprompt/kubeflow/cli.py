@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from softprompt import flags
+from softprompt.config import load_yaml
 from softprompt.errors import SoftpromptError
 
 DEFAULT_OUTPUT = "softprompt_pipeline.yaml"
@@ -114,7 +113,7 @@ def pipeline_arguments(args: argparse.Namespace, overrides: list[str]) -> dict[s
         key, sep, text = item.partition("=")
         if not sep or key not in valid:
             raise SoftpromptError(f"--param {item!r}: use NAME=VALUE with NAME one of {', '.join(valid)}")
-        params[key] = yaml.safe_load(text) if text else ""
+        params[key] = load_yaml(text, f"--param {key}") if text else ""
     return params
 
 
