@@ -78,8 +78,13 @@ class PromptTable:
 
         Raises:
             ModelError: when the prompt was trained for a model of another width.
+            IntegrityError: a registry version folder (one holding MANIFEST.json) fails verification.
         """
         folder = resolve_prompt_dir(artifact)
+        if (folder / "MANIFEST.json").is_file():  # checked where it is read, however it was named
+            from softprompt.registry import verify_folder
+
+            verify_folder(folder)
         read_adapter_config(folder)
         embeds = load_prompt_embeddings(folder)
         width = int(self.loaded.model.get_input_embeddings().weight.shape[1])
@@ -149,6 +154,10 @@ def resolve_prompts(specs: Sequence[str], *, s3_endpoint: str | None = None) -> 
     """Resolve `[NAME=]DIR_OR_URI` specs (artifact folders, registry versions, `.../champion` aliases,
     `s3://` URIs, downloaded and verified into the artifact cache) without loading any model.
 
+    Every reference goes through `registry.resolve_artifact`, so a registry version is verified
+    (files against MANIFEST.json, the id re-derived from them) whatever form its reference takes:
+    a local registry folder, a pulled folder, the `champion` alias or an `s3://` URI.
+
     Raises:
         ConfigError: when two prompts get the same name.
         StoreError, ModelError: a reference that cannot be resolved, verified or read.
@@ -159,7 +168,7 @@ def resolve_prompts(specs: Sequence[str], *, s3_endpoint: str | None = None) -> 
     refs = []
     for spec in specs:
         name, _, ref = spec.partition("=") if "=" in spec and not spec.startswith("s3://") else ("", "", spec)
-        folder = Path(ref) if Path(ref).is_dir() else resolve_artifact(ref, artifact_cache(), endpoint_url=s3_endpoint)
+        folder = resolve_artifact(ref, artifact_cache(), endpoint_url=s3_endpoint)
         cfg = artifact_config(folder)
         refs.append(PromptRef(name or cfg.task.name, ref, folder, cfg))
     names = [r.name for r in refs]

@@ -2,25 +2,26 @@
 pointer, and their command line.
 
 `store.py` and `s3.py` hold the stores, `versions.py` the version layout and reading it,
-`publishing.py` publishing a run folder, `champion.py` moving the champion pointer, `cli.py` the
+`integrity.py` the checks of what was read, `publishing.py` publishing a run folder,
+`champion.py` moving the champion pointer, `repair.py` restoring a damaged version, `cli.py` the
 commands; this module re-exports their public names."""
 
 from typing import TYPE_CHECKING
 
 from softprompt.registry.champion import Gate, PromotionResult, promote, rollback
+from softprompt.registry.integrity import compute_version, verify_folder
 from softprompt.registry.publishing import REQUIRED_FILES, PublishResult, publish
+from softprompt.registry.repair import RepairResult, repair
 from softprompt.registry.store import ArtifactStore, open_store
 from softprompt.registry.versions import (
     CHAMPION_ALIAS,
     VersionInfo,
-    compute_version,
     list_models,
     list_versions,
     pull,
     resolve_artifact,
     show,
     slug,
-    verify_folder,
 )
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ __all__ = [
     "Gate",
     "PromotionResult",
     "PublishResult",
+    "RepairResult",
     "VersionInfo",
     "compute_version",
     "list_models",
@@ -48,6 +50,7 @@ __all__ = [
     "promote",
     "publish",
     "pull",
+    "repair",
     "resolve_artifact",
     "rollback",
     "show",

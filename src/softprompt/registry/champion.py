@@ -4,6 +4,11 @@
 pointer's etag (create-only for the first champion), so two racing promotions cannot both win,
 and each move appends a record under `history/`. Reading the pointer (and the `champion` alias)
 is `versions.py`'s, since listing, showing and pulling versions need it too.
+
+Both moves check what they point at first: the version's stored files are downloaded and hashed,
+and a damaged version is refused. They are also the two ways to replace a damaged pointer:
+`promote --force` and `rollback --to` overwrite one (by compare-and-swap on its etag) instead of
+failing on it; every other reader refuses it with the same advice.
 """
 
 from __future__ import annotations
@@ -14,16 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from softprompt.errors import ConfigError, ConflictError, StoreError
+from softprompt.errors import ConfigError, ConflictError, IntegrityError, StoreError
+from softprompt.registry.integrity import MANIFEST, parse_history, repair_command, stored_damage
 from softprompt.registry.store import ArtifactStore, NotFoundError
-from softprompt.registry.versions import (
-    CHAMPION,
-    MANIFEST,
-    check_version,
-    load_manifest,
-    read_pointer,
-    slug,
-)
+from softprompt.registry.versions import CHAMPION, check_version, load_manifest, pointer_state, slug
 
 
 @dataclass(frozen=True)
@@ -94,12 +93,17 @@ def promote(
 
     Raises:
         ConflictError: another promotion moved the pointer meanwhile; re-run to compare again.
+        IntegrityError: the version's stored files are damaged, or the pointer is unreadable and
+            `force` is not set (with `force`, an unreadable pointer is replaced).
         StoreError: unknown version or metric, or the store fails.
     """
     task, model = slug(task, "task"), slug(base_model, "base model")
     challenger = load_manifest(store, task, model, check_version(version))
     value = _metric_value(challenger, gate.metric, store.uri(f"{task}/{model}/{version}/{MANIFEST}"))
-    pointer, etag = read_pointer(store, task, model)
+    state = pointer_state(store, task, model)
+    if state.damage and not force:
+        raise IntegrityError(state.damage)
+    pointer, etag = state.record, state.etag
     current = pointer["version"] if pointer else None
 
     def result(status: str, forced: bool, champion_value: float | None, message: str) -> PromotionResult:
@@ -127,8 +131,13 @@ def promote(
         refusal, champion_value = _gate_refusal(store, task, model, current, challenger, value, gate)
         if refusal and not force:
             return result("refused", False, champion_value, f"not promoted: {refusal}")
+    elif state.damage:
+        refusal = f"the unreadable {store.uri(f'{task}/{model}/{CHAMPION}')} was replaced; nothing was compared"
     forced = refusal is not None
-    record = _pointer_record(task, model, challenger, gate.metric, value, "promote", forced, reason, current)
+    _refuse_damaged(store, task, model, challenger, "promote")
+    # Over an unreadable pointer, the last champion the history records is what rollback goes back to.
+    previous = current if not state.damage else _last_champion(store, task, model)
+    record = _pointer_record(task, model, challenger, gate.metric, value, "promote", forced, reason, previous)
     _move_pointer(store, task, model, record, etag, current)
     how = f" (forced past: {refusal})" if refusal else ""
     beaten = f" over {current} ({champion_value})" if current else " (first champion)"
@@ -151,14 +160,20 @@ def rollback(
 
     Raises:
         ConflictError: another promotion moved the pointer meanwhile.
+        IntegrityError: the target's stored files are damaged, or, without `to_version`, the pointer
+            or a history record is unreadable (with `to_version`, an unreadable pointer is replaced
+            and unreadable history records are skipped).
         StoreError: no champion, no previous champion, or unknown version.
     """
     task, model = slug(task, "task"), slug(base_model, "base model")
-    pointer, etag = read_pointer(store, task, model)
-    if pointer is None:
+    state = pointer_state(store, task, model)
+    if state.damage and not to_version:
+        raise IntegrityError(state.damage)
+    pointer, etag = state.record, state.etag
+    if pointer is None and not state.damage:
         raise StoreError(f"{task}/{model} has no champion in {store.uri()}; nothing to roll back")
-    current = str(pointer["version"])
-    target = to_version or pointer.get("previous")
+    current = str(pointer["version"]) if pointer else None
+    target = to_version or (pointer or {}).get("previous")
     if not target:
         raise StoreError(
             f"champion {current} of {task}/{model} has no previous champion; pass --to VERSION "
@@ -169,11 +184,12 @@ def rollback(
     value = float(manifest["metric"]["value"])
     moved = target != current
     if moved:
-        previous = _previous_of(store, task, model, target)
+        _refuse_damaged(store, task, model, manifest, "roll back to")
+        previous = _previous_of(store, task, model, target, skip_damaged=bool(to_version))
         record = _pointer_record(task, model, manifest, metric, value, "rollback", False, reason, previous)
         _move_pointer(store, task, model, record, etag, current)
     message = (
-        f"rolled back champion of {task}/{model} from {current} to {target}"
+        f"rolled back champion of {task}/{model} from {current or 'an unreadable pointer'} to {target}"
         if moved
         else f"{target} is already the champion of {task}/{model}; nothing to do"
     )
@@ -274,10 +290,11 @@ def _move_pointer(
         else:
             store.put_bytes(key, body, if_match=etag)
     except ConflictError:
-        now, _ = read_pointer(store, task, model)
+        now = pointer_state(store, task, model)
         raise ConflictError(
             f"another promotion moved champion of {task}/{model} from {current or 'none'} to "
-            f"{now['version'] if now else 'none'} while you were promoting {record['version']}; "
+            f"{now.record['version'] if now.record else 'an unreadable pointer' if now.damage else 'none'} "
+            f"while you were promoting {record['version']}; "
             "re-run to compare against the new champion"
         ) from None
     # History goes after the pointer: a crash in between loses a log line but never records a
@@ -296,11 +313,50 @@ def _move_pointer(
             continue
 
 
-def _previous_of(store: ArtifactStore, task: str, model: str, version: str) -> str | None:
-    """What a rollback from `version` should go to: its `previous` when it last became champion."""
-    keys = [k for k in store.list(f"{task}/{model}/history/") if k.endswith(f"-{version}.json")]
-    if not keys:
-        return None
-    record = json.loads(store.get_bytes(max(keys)))
-    previous = record.get("previous")
-    return str(previous) if previous else None
+def _refuse_damaged(store: ArtifactStore, task: str, model: str, manifest: dict[str, Any], verb: str) -> None:
+    """Refuse to point the champion at a version whose stored files are not the ones it lists."""
+    version = manifest["version"]
+    damage = stored_damage(store, f"{task}/{model}/{version}", manifest["files"])
+    if damage:
+        raise IntegrityError(
+            f"refusing to {verb} {version} of {task}/{model}: its stored files are damaged ("
+            + "; ".join(damage.values())
+            + f"); the champion is unchanged. Repair the version first: `{repair_command(task, model, version)}`"
+        )
+
+
+def _history(store: ArtifactStore, task: str, model: str, suffix: str = ".json") -> list[tuple[str, str]]:
+    """(key, human address) of history records ending in `suffix`, newest first."""
+    keys = sorted((k for k in store.list(f"{task}/{model}/history/") if k.endswith(suffix)), reverse=True)
+    return [(k, store.uri(k)) for k in keys]
+
+
+def _previous_of(store: ArtifactStore, task: str, model: str, version: str, *, skip_damaged: bool) -> str | None:
+    """What a rollback from `version` should go to: its `previous` when it last became champion.
+
+    An unreadable record raises, naming it, unless `skip_damaged` (a rollback with --to, which is
+    how a damaged history is worked around): then the newest readable record for `version` counts.
+    """
+    fix = (
+        "restore that record from a backup or delete it (the history is an audit log; rollback reads "
+        f"`previous` from it), or choose the version yourself: `softprompt rollback {task} {model} --to VERSION`"
+    )
+    for key, where in _history(store, task, model, f"-{version}.json"):
+        try:
+            record = parse_history(store.get_bytes(key), where, fix)
+        except IntegrityError:
+            if skip_damaged:
+                continue
+            raise
+        return str(record["previous"]) if record["previous"] else None
+    return None
+
+
+def _last_champion(store: ArtifactStore, task: str, model: str) -> str | None:
+    """The version the newest readable history record made champion (to recover from a lost pointer)."""
+    for key, where in _history(store, task, model):
+        try:
+            return str(parse_history(store.get_bytes(key), where, "")["version"])
+        except (IntegrityError, NotFoundError):
+            continue
+    return None

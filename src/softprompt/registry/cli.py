@@ -1,4 +1,4 @@
-"""`softprompt publish | promote | rollback | registry list|show|pull`: thin shells over `softprompt.registry`.
+"""`softprompt publish | promote | rollback | registry list|show|pull|repair`: thin shells over `softprompt.registry`.
 
 `cli.py` calls `add_commands(subparsers)`; each sub-command sets `func` to a handler that takes the
 parsed namespace and returns the exit code. Handlers print one short human line (or a table), or
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ from softprompt.errors import SoftpromptError
 from softprompt.registry.store import ArtifactStore, open_store
 
 EXIT_OK = 0
+EXIT_DAMAGED = 1
+"""`registry list` exit code when it skipped damaged entries (each named in a warning on stderr)."""
 EXIT_NOT_PROMOTED = 3
 """`promote` exit code when the gate refused: scripts can tell 'kept the champion' from an error (1)."""
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register publish, promote, rollback and registry {list,show,pull} on a sub-parser set."""
+    """Register publish, promote, rollback and registry {list,show,pull,repair} on a sub-parser set."""
     p = subparsers.add_parser(
         "publish",
         help="publish an evaluated artifact folder as an immutable registry version",
@@ -44,7 +47,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--min-delta", type=float, default=0.0, help="required improvement, strictly more (default: 0)"
     )
-    p.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded)")
+    p.add_argument(
+        "--force", action="store_true", help="promote even if the gate refuses, or over an unreadable pointer (recorded)"
+    )
     p.add_argument("--reason", default="", help="why; recorded in the pointer and the history")
     _store_args(p)
     p.set_defaults(func=_promote)
@@ -55,13 +60,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Without --to, go back to the champion before the current one.",
     )
     _model_args(p)
-    p.add_argument("--to", dest="to_version", metavar="VERSION", help="version to serve again")
+    p.add_argument(
+        "--to", dest="to_version", metavar="VERSION", help="version to serve again (also replaces an unreadable pointer)"
+    )
     p.add_argument("--reason", default="", help="why; recorded in the history")
     _store_args(p)
     p.set_defaults(func=_rollback)
 
     reg = subparsers.add_parser("registry", help="list, show and pull published versions")
-    sub = reg.add_subparsers(dest="registry_command", metavar="{list,show,pull}", required=True)
+    sub = reg.add_subparsers(dest="registry_command", metavar="{list,show,pull,repair}", required=True)
     p = sub.add_parser("list", help="versions of a task/model, or every task/model in the store")
     p.add_argument("task", nargs="?", metavar="TASK")
     p.add_argument("base_model", nargs="?", metavar="BASE_MODEL")
@@ -78,6 +85,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dest", type=Path, required=True, help="local folder to write the files into")
     _store_args(p)
     p.set_defaults(func=_pull)
+    p = sub.add_parser(
+        "repair",
+        help="restore a damaged version from the run folder that published it",
+        description="Rewrite every stored file of VERSION that is missing or damaged (and its MANIFEST.json) "
+        "from RUN_FOLDER, whose files must hash to VERSION; then verify the version again.",
+    )
+    _model_args(p)
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--from", dest="run_dir", type=Path, required=True, metavar="RUN_FOLDER",
+                   help="the artifact folder that was published as VERSION")
+    _store_args(p)
+    p.set_defaults(func=_repair)
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -142,14 +161,21 @@ def _list(args: argparse.Namespace) -> int:
     if (args.task is None) != (args.base_model is None):
         raise SoftpromptError("registry list: give both TASK and BASE_MODEL, or neither")
     pairs = [(args.task, args.base_model)] if args.task else registry.list_models(store)
-    versions = [v for task, model in pairs for v in registry.list_versions(store, task, model)]
+    damaged: list[str] = []
+    versions = [
+        v
+        for task, model in pairs
+        for v in registry.list_versions(store, task, model, on_damage=lambda e: damaged.append(str(e)))
+    ]
     lines = [
         f"{'*' if v.is_champion else ' '} {v.task}/{v.base_model} {v.version}  {v.created_at}  "
         f"{v.metric}={v.value:.4f}  eval={v.eval_fingerprint[:12]}"
         for v in versions
     ]
     _emit(args, [_summary(v) for v in versions], "\n".join(lines) or f"no versions in {store.uri()}")
-    return EXIT_OK
+    for problem in damaged:  # after the listing, so one bad manifest hides nothing else
+        print(f"warning: skipped: {problem}", file=sys.stderr)
+    return EXIT_DAMAGED if damaged else EXIT_OK
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -171,6 +197,12 @@ def _pull(args: argparse.Namespace) -> int:
         {"path": str(dest)},
         f"pulled {args.task}/{args.base_model} {args.version} into {dest} (verified)",
     )
+    return EXIT_OK
+
+
+def _repair(args: argparse.Namespace) -> int:
+    result = registry.repair(_store(args), args.task, args.base_model, args.version, args.run_dir)
+    _emit(args, result, result.message)
     return EXIT_OK
 
 

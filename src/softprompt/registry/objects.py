@@ -9,6 +9,7 @@ module, which imports neither, so `open_store` can import `S3Store` without an i
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,22 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_mode(mode: int = 0o666) -> int:
+    """`mode` less the process umask: the mode `open()` gives a new file (0644 under umask 022).
+
+    Files made with `tempfile.mkstemp` are 0600; what a store writes or downloads gets this instead.
+    The umask is read from /proc where it can be: setting and restoring it would briefly change it
+    for every thread of the process.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
+    return mode & ~umask
 
 
 def _key_problem(key: str) -> str | None:

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.errors import ConflictError, IntegrityError, StoreError
+from softprompt.registry.integrity import MANIFEST, MANIFEST_FORMAT, compute_version, repair_command
 from softprompt.registry.store import ArtifactStore, NotFoundError, sha256_file
-from softprompt.registry.versions import MANIFEST, MANIFEST_FORMAT, compute_version, load_manifest, slug
+from softprompt.registry.versions import load_manifest, slug
 
 REQUIRED_FILES = (
     "adapter_config.json",
@@ -65,7 +66,7 @@ def publish(store: ArtifactStore, run_dir: Path) -> PublishResult:
         StoreError: the run folder is incomplete or malformed, or the store fails.
         IntegrityError: the store holds different bytes under this version.
     """
-    run = _read_run(Path(run_dir))
+    run = read_run(Path(run_dir))
     base = f"{run.task}/{run.base_model}/{run.version}"
     restored = 0
     for entry in run.files:
@@ -80,7 +81,7 @@ def publish(store: ArtifactStore, run_dir: Path) -> PublishResult:
                 raise IntegrityError(f"{store.uri(key)} changed while publishing it; publish again") from None
     existing = _try_manifest(store, run.task, run.base_model, run.version)
     if existing is None:
-        body = json.dumps(_manifest(run), indent=2, sort_keys=True).encode()
+        body = json.dumps(version_manifest(run), indent=2, sort_keys=True).encode()
         try:
             store.put_bytes(f"{base}/{MANIFEST}", body, if_none_match=True)
             message = (
@@ -93,33 +94,42 @@ def publish(store: ArtifactStore, run_dir: Path) -> PublishResult:
     if {(f["name"], f["sha256"]) for f in existing["files"]} != {(f["name"], f["sha256"]) for f in run.files}:
         raise IntegrityError(
             f"{store.uri(base)}/{MANIFEST} lists other files than {run.path}; the version is damaged. "
-            "Inspect it with `softprompt registry show` and restore it from a good copy"
+            f"Repair it from this run folder: `{repair_command(run.task, run.base_model, run.version)}`"
         )
     note = f" (restored {restored} missing files)" if restored else ""
     message = f"{run.task}/{run.base_model} version {run.version} already exists at {store.uri(base)}; nothing to do"
     return PublishResult(run.task, run.base_model, run.version, store.uri(base), False, message + note)
 
 
-# ------------------------------------------------------------------------------------------- helpers
-
-
 @dataclass(frozen=True)
-class _Run:
+class RunFolder:
+    """A checked run folder: what publish uploads, and what repair restores a version from."""
+
     path: Path
     task: str
+    """Task key segment (`task_name` sanitized)."""
     task_name: str
     base_model: str
+    """Base-model key segment (`base_model_name` sanitized)."""
     base_model_name: str
     weights_sha256: str
     files: list[dict[str, Any]]
+    """Every file's name, sha256 and size, sorted by name: the manifest's `files`."""
     version: str
+    """The version id these files hash to (`compute_version`)."""
     metric_name: str
     metric_value: float
     metrics: dict[str, Any]
+    """metrics.json as read."""
     eval_fingerprint: str
 
 
-def _read_run(run_dir: Path) -> _Run:
+def read_run(run_dir: Path) -> RunFolder:
+    """Check a run folder (files, provenance, metrics) and compute the version it publishes as.
+
+    Raises:
+        StoreError: naming every problem with the folder's files, or the first malformed field.
+    """
     if not run_dir.is_dir():
         raise StoreError(
             f"run folder {run_dir} does not exist or is not a folder; pass the folder train wrote"
@@ -156,7 +166,7 @@ def _read_run(run_dir: Path) -> _Run:
     tuned = _field(metrics, "tuned", dict, run_dir / "metrics.json")
     task_name = _field(run_manifest, "task", str, run_dir / "run_manifest.json")
     model_name = _field(base, "name", str, run_dir / "run_manifest.json", "base_model.name")
-    return _Run(
+    return RunFolder(
         path=run_dir,
         task=slug(task_name, "task"),
         task_name=task_name,
@@ -176,7 +186,8 @@ def _read_run(run_dir: Path) -> _Run:
     )
 
 
-def _manifest(run: _Run) -> dict[str, Any]:
+def version_manifest(run: RunFolder) -> dict[str, Any]:
+    """The MANIFEST.json a run folder publishes (its files, metrics and identity; now as created_at)."""
     from softprompt import __version__
 
     def numbers(block: Any) -> dict[str, float]:
@@ -203,6 +214,9 @@ def _manifest(run: _Run) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------------- helpers
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -227,10 +241,11 @@ def _stored_matches(store: ArtifactStore, key: str, sha256: str) -> bool:
         return False
     stored = info.sha256 or hashlib.sha256(store.get_bytes(key)).hexdigest()
     if stored != sha256:
+        task, model, version = key.split("/")[:3]
         raise IntegrityError(
             f"{store.uri(key)} already exists with sha256 {stored}, but this version needs {sha256}; a "
-            "version's files never change, so the store is damaged or was edited by hand — delete that "
-            "version folder (if it has no MANIFEST.json nothing uses it) and publish again"
+            "version's files never change, so the store is damaged or was edited by hand — restore it "
+            f"from the run folder: `{repair_command(task, model, version)}`"
         )
     return True
 

@@ -29,6 +29,7 @@ from softprompt.registry.objects import (
     MiB,
     NotFoundError,
     ObjectInfo,
+    file_mode,
     sha256_file,
     validate_key,
     validate_prefix,
@@ -161,6 +162,7 @@ class S3Store:
         def download() -> None:
             fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f"{INTERNAL_PREFIX}tmp-")
             try:
+                os.fchmod(fd, file_mode())  # mkstemp makes it 0600
                 with os.fdopen(fd, "wb") as out:
                     self._download(key, out)
                 os.replace(name, dest)
@@ -286,7 +288,7 @@ class S3Store:
         if expected is not None and digest.hexdigest() != expected:
             raise IntegrityError(
                 f"{self.uri(key)} is corrupt: its bytes hash to sha256 {digest.hexdigest()} but the object "
-                f"records {expected}; re-publish it or restore it from a good copy"
+                f"records {expected}; the stored copy is damaged — restore it from a good copy"
             )
 
     def _retry_streaming(self, key: str, fn: Callable[[], None]) -> None:

@@ -33,6 +33,7 @@ from softprompt.registry.objects import (
     MiB,
     NotFoundError,
     ObjectInfo,
+    file_mode,
     sha256_file,
     validate_key,
     validate_prefix,
@@ -113,7 +114,6 @@ def open_store(
     if "://" in uri and not uri.startswith("file://"):
         raise StoreError(f"unsupported store URI {uri!r}; use s3://BUCKET/PREFIX or a local folder path")
     return LocalStore(Path(uri[len("file://") :] if uri.startswith("file://") else uri))
-
 
 
 
@@ -238,6 +238,7 @@ def _write_temp(folder: Path, src: IO[bytes]) -> tuple[Path, str]:
     digest = hashlib.sha256()
     fd, name = tempfile.mkstemp(dir=folder, prefix=f"{INTERNAL_PREFIX}tmp-")
     try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would make stored and pulled files private
         with os.fdopen(fd, "wb") as out:
             for chunk in iter(lambda: src.read(CHUNK), b""):
                 digest.update(chunk)

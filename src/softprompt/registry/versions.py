@@ -13,33 +13,43 @@ Every write is create-only (`if_none_match`) except the pointer, which uses `if_
 etag: a crash leaves either no visible version or a complete one, and two racing promotions
 cannot both win.
 
-This module reads: list, show, pull, verify and resolve versions, including the `champion` alias,
-so it reads the pointer too. Writing lives in `publishing.py` (a new version) and `champion.py`
-(moving the pointer); both import from here, never the other way round.
+This module reads: list, show, pull and resolve versions, including the `champion` alias, so it
+reads the pointer too; what makes a manifest, a pointer or a folder trustworthy is `integrity.py`'s.
+Writing lives in `publishing.py` (a new version), `champion.py` (moving the pointer) and
+`repair.py` (restoring a damaged version); they import from here, never the other way round.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from softprompt.errors import IntegrityError, StoreError
+from softprompt.registry.integrity import (
+    MANIFEST,
+    VERSION_RE,
+    inside,
+    parse_manifest,
+    parse_pointer,
+    pointer_fix,
+    repair_command,
+    verify_folder,
+)
+from softprompt.registry.objects import file_mode
 from softprompt.registry.s3 import S3Store
 from softprompt.registry.store import ArtifactStore, LocalStore, NotFoundError, sha256_file
 
-MANIFEST = "MANIFEST.json"
 CHAMPION = "champion.json"
 CHAMPION_ALIAS = "champion"
-MANIFEST_FORMAT = "softprompt.registry.version/1"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-_VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -59,15 +69,41 @@ class VersionInfo:
     """The full MANIFEST.json."""
 
 
-def list_versions(store: ArtifactStore, task: str, base_model: str) -> list[VersionInfo]:
-    """Every visible (MANIFEST.json present) version of a task/model, oldest first."""
+def list_versions(
+    store: ArtifactStore, task: str, base_model: str, *, on_damage: Callable[[IntegrityError], None] | None = None
+) -> list[VersionInfo]:
+    """Every visible (MANIFEST.json present) version of a task/model, oldest first.
+
+    Args:
+        store: the registry.
+        task: task name or key segment.
+        base_model: base-model name or key segment.
+        on_damage: when given, a damaged manifest or champion pointer is passed to it and skipped
+            (so one bad version does not hide the others); when None, it is raised.
+
+    Raises:
+        IntegrityError: a damaged manifest or pointer, when `on_damage` is None.
+    """
     task, model = slug(task, "task"), slug(base_model, "base model")
-    pointer, _ = read_pointer(store, task, model)
+    try:
+        pointer, _ = read_pointer(store, task, model)
+    except IntegrityError as e:
+        if on_damage is None:
+            raise
+        on_damage(e)
+        pointer = None
     versions = []
     for key in store.list(f"{task}/{model}/"):
         parts = key.split("/")
-        if len(parts) == 4 and parts[3] == MANIFEST and _VERSION_RE.match(parts[2]):
-            versions.append(_info(store, task, model, load_manifest(store, task, model, parts[2]), pointer))
+        if len(parts) == 4 and parts[3] == MANIFEST and VERSION_RE.match(parts[2]):
+            try:
+                manifest = load_manifest(store, task, model, parts[2])
+            except IntegrityError as e:
+                if on_damage is None:
+                    raise
+                on_damage(e)
+                continue
+            versions.append(_info(store, task, model, manifest, pointer))
     return sorted(versions, key=lambda v: (v.created_at, v.version))
 
 
@@ -76,7 +112,7 @@ def list_models(store: ArtifactStore) -> list[tuple[str, str]]:
     pairs = set()
     for key in store.list():
         parts = key.split("/")
-        if len(parts) == 4 and parts[3] == MANIFEST and _VERSION_RE.match(parts[2]):
+        if len(parts) == 4 and parts[3] == MANIFEST and VERSION_RE.match(parts[2]):
             pairs.add((parts[0], parts[1]))
     return sorted(pairs)
 
@@ -84,52 +120,57 @@ def list_models(store: ArtifactStore) -> list[tuple[str, str]]:
 def show(store: ArtifactStore, task: str, base_model: str, version: str = CHAMPION_ALIAS) -> VersionInfo:
     """Describe one version, or the champion when `version` is 'champion'."""
     task, model = slug(task, "task"), slug(base_model, "base model")
-    resolved = _resolve_version(store, task, model, version)
-    pointer, _ = read_pointer(store, task, model)
+    resolved = _resolve_version(store, task, model, version)  # the alias needs a readable pointer
+    pointer = pointer_state(store, task, model).record  # a named version does not
     return _info(store, task, model, load_manifest(store, task, model, resolved), pointer)
 
 
 def pull(store: ArtifactStore, task: str, base_model: str, version: str, dest_dir: Path) -> Path:
     """Download a version into `dest_dir`, verifying every file against MANIFEST.json.
 
-    Only bytes are written (nothing is unpickled or executed). File names come from the manifest
-    and must stay directly inside `dest_dir`. Files already there with the right hash are kept.
+    Everything is downloaded and verified in a temporary folder next to `dest_dir` first, so a
+    failed pull leaves `dest_dir` as it was: a new `dest_dir` appears in one rename; in an existing
+    one, files already there with the right hash are kept, the others are replaced, and
+    MANIFEST.json goes last. Only bytes are written (nothing is unpickled or executed); file names
+    come from the manifest and must stay directly inside `dest_dir`. Files get the usual modes
+    (0644 under umask 022).
 
     Returns:
         `dest_dir`, holding the version's files and its MANIFEST.json.
 
     Raises:
-        IntegrityError: a downloaded file does not match its recorded SHA-256 or size.
+        IntegrityError: the manifest does not hash to its version id, or a downloaded file does not
+            match its recorded SHA-256 or size; the message names `softprompt registry repair`.
     """
     task, model = slug(task, "task"), slug(base_model, "base model")
     resolved = _resolve_version(store, task, model, version)
     manifest = load_manifest(store, task, model, resolved)
     root = Path(dest_dir).expanduser().absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    for entry in manifest["files"]:
-        target = _inside(root, entry["name"])
-        if target.is_file() and not target.is_symlink() and sha256_file(target) == entry["sha256"]:
-            continue
-        key = f"{task}/{model}/{resolved}/{entry['name']}"
-        fd, tmp_name = tempfile.mkstemp(dir=root, prefix=".softprompt-pull-")
-        os.close(fd)
-        tmp = Path(tmp_name)
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"cannot pull into {root}: it is a file; name a folder with --dest")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    existed = root.is_dir()
+    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".softprompt-pull-{root.name}-"))
+    try:
+        fetched = []
+        for entry in manifest["files"]:
+            kept = inside(root, entry["name"]) if existed else None
+            if kept and kept.is_file() and not kept.is_symlink() and sha256_file(kept) == entry["sha256"]:
+                continue
+            _fetch(store, f"{task}/{model}/{resolved}", entry, staging)
+            fetched.append(entry["name"])
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+        staging.chmod(file_mode(0o777))  # mkdtemp's 0700 would make the folder private
         try:
-            store.get_file(key, tmp)
-            digest, size = sha256_file(tmp), tmp.stat().st_size
-            if digest != entry["sha256"] or size != entry["size"]:
-                raise IntegrityError(
-                    f"{store.uri(key)} does not match {MANIFEST}: sha256 {digest} ({size} bytes), recorded "
-                    f"{entry['sha256']} ({entry['size']} bytes); the stored copy is damaged — re-publish the run"
-                )
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    # Written last and via rename, so it replaces (never follows) a symlink planted at that name.
-    fd, tmp_name = tempfile.mkstemp(dir=root, prefix=".softprompt-pull-")
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp_name, _inside(root, MANIFEST))
+            if existed:
+                raise FileExistsError(root)
+            os.rename(staging, root)
+        except OSError as e:  # it existed, or another pull created it meanwhile: move the files in
+            if not root.is_dir():
+                raise StoreError(f"cannot create {root} ({e.strerror or e}); check --dest and its permissions") from e
+            _replace_files(root, staging, fetched, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return Path(dest_dir)
 
 
@@ -143,10 +184,15 @@ def resolve_artifact(
 ) -> Path:
     """Turn an artifact reference into a local, verified folder.
 
-    Accepted: a run folder; a local registry version folder (verified against its MANIFEST.json);
-    `<registry>/<task>/<model>/champion`; `s3://bucket/prefix/<task>/<model>/<version|champion>`
-    (downloaded into `cache_dir`, re-using files already there with the right hash). In URIs the
-    base model is its key segment, e.g. `huggingfacetb--smollm2-135m-instruct` (see `slug`).
+    Accepted: a run folder; a registry version folder, local or pulled (any folder holding
+    MANIFEST.json: verified, its id re-derived from its files); `<registry>/<task>/<model>/champion`;
+    `s3://bucket/prefix/<task>/<model>/<version|champion>` (downloaded into `cache_dir`, re-using
+    files already there with the right hash). In URIs the base model is its key segment, e.g.
+    `huggingfacetb--smollm2-135m-instruct` (see `slug`).
+
+    Raises:
+        IntegrityError: a registry folder that fails verification.
+        StoreError: a reference that names nothing usable.
     """
     if uri.startswith("s3://"):
         bucket, _, rest = uri[len("s3://") :].partition("/")
@@ -171,7 +217,12 @@ def resolve_artifact(
         if (path / MANIFEST).is_file():
             verify_folder(path)
             return path
-        if (path / "adapter_config.json").is_file():
+        if VERSION_RE.match(path.name):
+            raise IntegrityError(
+                f"{path} is named like a registry version but has no {MANIFEST}: an unfinished publish or a "
+                "damaged copy, so it cannot be verified; publish the run again, or pull the version into a fresh folder"
+            )
+        if (path / "adapter_config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file():
             return path
         raise StoreError(
             f"{path} is not an artifact folder: it has neither {MANIFEST} (a registry version) nor "
@@ -181,27 +232,12 @@ def resolve_artifact(
         model_dir = path.parent
         local = LocalStore(model_dir.parent.parent)
         version = _resolve_version(local, model_dir.parent.name, model_dir.name, CHAMPION_ALIAS)
-        verify_folder(model_dir / version)
+        verify_folder(model_dir / version, version)
         return model_dir / version
     raise StoreError(
         f"artifact {uri!r} not found; pass a run folder, a registry version folder, "
         "<registry>/<task>/<base_model>/champion, or s3://BUCKET/PREFIX/TASK/BASE_MODEL/VERSION|champion"
     )
-
-
-def verify_folder(folder: Path) -> dict[str, Any]:
-    """Check every file a local version folder's MANIFEST.json lists; returns the manifest."""
-    manifest = _parse_manifest((folder / MANIFEST).read_bytes(), str(folder / MANIFEST))
-    root = folder.absolute()
-    for entry in manifest["files"]:
-        path = _inside(root, entry["name"])
-        digest = sha256_file(path) if path.is_file() else "missing"
-        if digest != entry["sha256"]:
-            raise IntegrityError(
-                f"{path} does not match {MANIFEST}: sha256 {digest}, recorded {entry['sha256']}; "
-                "pull the version again"
-            )
-    return manifest
 
 
 def slug(name: str, what: str = "name") -> str:
@@ -219,16 +255,13 @@ def slug(name: str, what: str = "name") -> str:
     return value
 
 
-def compute_version(files: list[tuple[str, str]]) -> str:
-    """First 16 hex digits of SHA-256 over the sorted (file name, file SHA-256) pairs."""
-    digest = hashlib.sha256()
-    for name, sha in sorted(files):
-        digest.update(f"{name}\0{sha}\n".encode())
-    return digest.hexdigest()[:16]
-
-
 def load_manifest(store: ArtifactStore, task: str, model: str, version: str) -> dict[str, Any]:
-    """A version's MANIFEST.json, checked; NotFoundError lists the published versions."""
+    """A version's MANIFEST.json, checked (shape, id re-derived from its files, location).
+
+    Raises:
+        NotFoundError: no such version; the message lists the published ones.
+        IntegrityError: the manifest is damaged; the message names `softprompt registry repair`.
+    """
     key = f"{task}/{model}/{version}/{MANIFEST}"
     try:
         data = store.get_bytes(key)
@@ -240,33 +273,65 @@ def load_manifest(store: ArtifactStore, task: str, model: str, version: str) -> 
             f"version {version} of {task}/{model} not found in {store.uri()}; published versions: "
             f"{', '.join(known) or 'none'} (see `softprompt registry list`)"
         ) from None
-    manifest = _parse_manifest(data, store.uri(key))
-    if (manifest["task"], manifest["base_model"].get("key"), manifest["version"]) != (task, model, version):
-        raise IntegrityError(f"{store.uri(key)} describes another version; the registry was edited by hand")
+    fix = f"repair it from the run folder that published it: `{repair_command(task, model, version)}`"
+    manifest = parse_manifest(data, store.uri(key), fix)
+    found = (manifest["task"], manifest["base_model"]["key"], manifest["version"])
+    if found != (task, model, version):
+        raise IntegrityError(
+            f"{store.uri(key)} describes {'/'.join(found)}, not {task}/{model}/{version}: the registry was "
+            f"edited by hand; {fix}"
+        )
     return manifest
 
 
-def read_pointer(store: ArtifactStore, task: str, model: str) -> tuple[dict[str, Any] | None, str | None]:
-    """The champion pointer of a task/model and its etag (for a compare-and-swap), or (None, None)."""
+@dataclass(frozen=True)
+class PointerState:
+    """The champion pointer as stored, readable or not (the commands that repair it need its etag)."""
+
+    record: dict[str, Any] | None
+    """The checked pointer, or None when there is none or it is damaged."""
+    etag: str | None
+    """The stored object's etag, damaged or not, for a compare-and-swap; None when there is none."""
+    damage: str | None
+    """Why the stored pointer cannot be used (names the key and the fix), or None."""
+
+
+def pointer_state(store: ArtifactStore, task: str, model: str) -> PointerState:
+    """The champion pointer of a task/model, its etag, and what is wrong with it, without raising."""
     # Head first, then get. If the pointer moves in between, we hold the older etag and our
     # compare-and-swap fails safely. Get-then-head could pair old content with the new etag:
     # the swap would then succeed against a champion we never compared with (a lost update).
     key = f"{task}/{model}/{CHAMPION}"
     info = store.head(key)
     if info is None:
-        return None, None
+        return PointerState(None, None, None)
     try:
-        pointer = json.loads(store.get_bytes(key))
+        data = store.get_bytes(key)
     except NotFoundError:
-        return None, None
-    except ValueError as e:
-        raise IntegrityError(f"{store.uri(key)} is not valid JSON ({e}); roll back with --to VERSION") from e
-    return pointer, info.etag
+        return PointerState(None, None, None)
+    except IntegrityError as e:  # the object fails its own checksum
+        return PointerState(None, info.etag, f"{e}; {pointer_fix(task, model)}")
+    try:
+        return PointerState(parse_pointer(data, store.uri(key), pointer_fix(task, model)), info.etag, None)
+    except IntegrityError as e:
+        return PointerState(None, info.etag, str(e))
+
+
+def read_pointer(store: ArtifactStore, task: str, model: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The champion pointer of a task/model and its etag (for a compare-and-swap), or (None, None).
+
+    Raises:
+        IntegrityError: the pointer is not valid JSON or lacks a version id; names the fix.
+    """
+    state = pointer_state(store, task, model)
+    if state.damage:
+        raise IntegrityError(state.damage)
+    return state.record, state.etag
 
 
 def check_version(version: str) -> str:
     """Return `version` if it is a version id (16 hex digits), else raise StoreError."""
-    if not _VERSION_RE.match(version):
+    if not VERSION_RE.match(version):
         raise StoreError(f"version {version!r} is not a registry version id (16 hex digits, or 'champion')")
     return version
 
@@ -274,44 +339,41 @@ def check_version(version: str) -> str:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _parse_manifest(data: bytes, where: str) -> dict[str, Any]:
+def _fetch(store: ArtifactStore, prefix: str, entry: dict[str, Any], staging: Path) -> None:
+    """Download one listed file into `staging` and check it against the manifest."""
+    task, model, version = prefix.split("/")
+    key, target = f"{prefix}/{entry['name']}", inside(staging, entry["name"])
+    fix = f"the stored copy is damaged — repair it with `{repair_command(task, model, version)}`, then pull again"
     try:
-        manifest = json.loads(data)
-        ok = manifest.get("format") == MANIFEST_FORMAT and all(
-            _file_name_problem(f["name"]) is None
-            and _SHA_RE.match(f["sha256"])
-            and isinstance(f["size"], int)
-            for f in manifest["files"]
-        )
-    except (ValueError, AttributeError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise IntegrityError(f"{where} is not a valid {MANIFEST_FORMAT} manifest; re-publish the version")
-    return dict(manifest)
-
-
-def _file_name_problem(name: Any) -> str | None:
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in (".", "..")
-        or "/" in name
-        or "\\" in name
-        or "\0" in name
-    ):
-        return f"unsafe file name {name!r}"
-    return None
-
-
-def _inside(root: Path, name: str) -> Path:
-    """`root/name`, refusing names (or existing symlinks) that would land outside `root`."""
-    problem = _file_name_problem(name)
-    target = root / name
-    if problem or not target.resolve().is_relative_to(root.resolve()):
+        store.get_file(key, target)
+    except IntegrityError as e:
+        raise IntegrityError(f"{e}; {fix}") from None
+    digest, size = sha256_file(target), target.stat().st_size
+    if digest != entry["sha256"] or size != entry["size"]:
         raise IntegrityError(
-            f"refusing to write {name!r} outside {root}: {problem or 'it resolves elsewhere'}"
+            f"{store.uri(key)} does not match {MANIFEST}: sha256 {digest} ({size} bytes), recorded "
+            f"{entry['sha256']} ({entry['size']} bytes); {fix}"
         )
-    return target
+
+
+def _replace_files(root: Path, staging: Path, fetched: list[str], manifest: dict[str, Any]) -> None:
+    """Move verified files from `staging` into an existing `root`; its MANIFEST.json goes last.
+
+    Until then an interrupted move leaves the old manifest, which the new files fail, so the folder
+    is refused rather than trusted half-updated. Files the old manifest listed and the new one does
+    not are removed.
+    """
+    try:
+        old = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        stale = {f["name"] for f in old["files"]} - {f["name"] for f in manifest["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        stale = set()
+    for name in fetched:
+        os.replace(staging / name, inside(root, name))
+    for name in sorted(stale):
+        with contextlib.suppress(IntegrityError):  # an unsafe name in the old manifest: leave it
+            inside(root, name).unlink(missing_ok=True)
+    os.replace(staging / MANIFEST, inside(root, MANIFEST))
 
 
 def _resolve_version(store: ArtifactStore, task: str, model: str, ref: str) -> str:
