@@ -73,8 +73,8 @@ def ray_session(s3_endpoint: str) -> Iterator[dict[str, str]]:
     from softprompt.config import RayConfig
     from softprompt.ray.cluster import init_ray
 
-    init_ray(RayConfig(num_cpus=5, dashboard=True))
+    started = init_ray(RayConfig(num_cpus=5, dashboard=True))
     try:
-        yield {"metrics_url": f"http://127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}/metrics"}
+        yield {"metrics_url": f"http://127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}/metrics", "started": started}
     finally:
         ray.shutdown()

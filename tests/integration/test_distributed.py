@@ -125,3 +125,21 @@ def _state_api() -> str:
     import ray
 
     return "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+
+
+def test_the_local_ray_asks_for_a_token_and_says_how_to_sign_in(ray_session: dict[str, str]) -> None:
+    """Token authentication stays on for the local Ray the command starts; the line that names the
+    dashboard says where the token comes from and never contains it."""
+    import urllib.error
+
+    assert os.environ.get("RAY_AUTH_MODE") == "token"
+    assert "sign in with the token `ray get-auth-token` prints" in ray_session["started"]
+    url = _state_api() + "/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=30)
+    assert refused.value.code in (401, 403)
+    secret = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    assert secret not in ray_session["started"]
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {secret}"})
+    with urllib.request.urlopen(request, timeout=30) as ok:
+        assert ok.status == 200

@@ -105,12 +105,19 @@ def init_ray(rc: RayConfig, address: str | None = None, *, tuning: bool = True) 
             own = port is not None and not os.environ.get("RAY_API_SERVER_ADDRESS")
             if own:
                 os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            # Token authentication stays on (Ray 2.60 turns it on for a new local Ray unless
+            # RAY_AUTH_MODE says otherwise); only Ray's notice that it did is kept off the console,
+            # and our own line below says how to sign in.
+            notice = logging.getLogger(AUTH_NOTICE_LOGGER)
+            level = notice.level
+            notice.setLevel(logging.ERROR)
             try:
                 ctx = ray.init(
                     num_cpus=local_num_cpus(rc), include_dashboard=rc.dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
                     logging_level=logging.WARNING,
                 )
             finally:
+                notice.setLevel(level)
                 if own:
                     os.environ.pop("RAY_API_SERVER_ADDRESS", None)
             what = "started a local Ray"
@@ -119,7 +126,22 @@ def init_ray(rc: RayConfig, address: str | None = None, *, tuning: bool = True) 
     if not target:
         check_fits(rc, tuning=tuning)
     url = getattr(ctx, "dashboard_url", None)
-    return f"{what}" + (f" (dashboard http://{url})" if url else "")
+    if not url:
+        return what
+    return f"{what} (dashboard http://{url}{SIGN_IN if auth_token_required() else ''})"
+
+
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""The logger of Ray's 'token authentication is enabled' notice."""
+
+SIGN_IN = "; sign in with the token `ray get-auth-token` prints"
+"""How to open the dashboard of a Ray with token authentication; the token itself is never printed
+(run logs get shared)."""
+
+
+def auth_token_required() -> bool:
+    """Whether the Ray this process uses asks for a token (RAY_AUTH_MODE=token)."""
+    return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
 
 
 def _free_port() -> int:
