@@ -8,12 +8,15 @@ least-privilege RBAC). Where `kubectl` or `kustomize` is installed, the overlays
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import hashlib
 import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from softprompt.kubeflow import cli as kfp_cli
-from softprompt.kubeflow import scratch
+from softprompt.kubeflow import pipeline as kfp_pipeline
+from softprompt.kubeflow import rayjob, scratch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA = REPO_ROOT / "infra"
@@ -33,6 +37,14 @@ KUSTOMIZE = INFRA / "kustomize"
 OVERLAYS = {"dev": KUSTOMIZE / "overlays" / "dev", "prod": KUSTOMIZE / "overlays" / "prod"}
 IMAGE = "ghcr.io/softprompt/softprompt"
 BUCKET = "softprompt-registry"
+REGISTRY_PREFIX = "registry"
+"""The registry's prefix in the bucket (`--registry s3://softprompt-registry/registry` in the docs)."""
+POLICIES = INFRA / "minio" / "policies"
+WRITERS = {"ray", "publish", "promote", "serve"}
+"""One S3 policy, and in dev one MinIO user, per writer."""
+STEP_SECRETS = {"ray": "softprompt-s3", "publish": "softprompt-s3-publish", "promote": "softprompt-s3-promote"}
+"""The Secret each writer's pipeline steps (and, for ray, the Ray pods) read their key from."""
+RAY_AUTH = {"secretKeyRef": {"name": "softprompt-ray-auth", "key": "auth_token"}}
 
 YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in {".yaml", ".yml"})
 KUSTOMIZATIONS = [p for p in YAML_FILES if p.name == "kustomization.yaml"]
@@ -43,7 +55,7 @@ CREDENTIAL_ENV = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|ROOT_USER", re.IG
 # The Role's exact rules: (apiGroups, resources, resourceNames, verbs).
 ALLOWED_RULES = {
     (("ray.io",), ("rayjobs",), (), ("create", "delete", "get")),
-    (("",), ("secrets",), ("softprompt-s3",), ("get",)),
+    (("",), ("secrets",), ("softprompt-s3", "softprompt-s3-publish", "softprompt-s3-promote", "softprompt-ray-auth"), ("get",)),
     (("",), ("pods",), (), ("list",)),
     (("",), ("pods/log",), (), ("get",)),
 }
@@ -130,13 +142,33 @@ def test_ray_pods_export_metrics_on_8080_with_the_dashboard_on_the_head() -> Non
             assert _ports(group).get("metrics") == 8080
 
 
-def test_ray_pods_run_our_image_with_s3_credentials_from_the_secret() -> None:
+def test_ray_pods_run_our_image_with_s3_credentials_and_the_ray_token_from_secrets() -> None:
     for spec in _ray_cluster_specs():
         for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
             (container,) = group["template"]["spec"]["containers"]
             assert container["image"] == f"{IMAGE}:0.2.0"
-            refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]}
-            assert refs == {"AWS_ACCESS_KEY_ID": "softprompt-s3", "AWS_SECRET_ACCESS_KEY": "softprompt-s3"}
+            env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+            assert env == {
+                "AWS_ACCESS_KEY_ID": {"secretKeyRef": {"name": "softprompt-s3", "key": "AWS_ACCESS_KEY_ID"}},
+                "AWS_SECRET_ACCESS_KEY": {"secretKeyRef": {"name": "softprompt-s3", "key": "AWS_SECRET_ACCESS_KEY"}},
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN": RAY_AUTH,
+            }, f"{group.get('groupName', 'head')}: every Ray container runs with token authentication"
+
+
+def test_ray_clusters_require_the_token_from_the_one_secret() -> None:
+    """Ray's token authentication (RAY_AUTH_MODE=token) on every cluster: authOptions makes KubeRay
+    inject the token into the containers it adds (autoscaler, wait-gcs-ready, RayJob submitter) and
+    send it on its own job-status calls; it needs the Secret's key to be `auth_token`."""
+    for spec in _ray_cluster_specs():
+        assert spec["authOptions"] == {"mode": "token", "secretName": RAY_AUTH["secretKeyRef"]["name"]}
+    assert Version(_one("kuberay/raycluster.yaml", "RayCluster")["spec"]["rayVersion"]) >= Version("2.52")
+    assert (rayjob.RAY_AUTH_SECRET, rayjob.RAY_AUTH_SECRET_KEY) == ("softprompt-ray-auth", "auth_token")
+    (example,) = _docs(INFRA / "kuberay" / "secret.example.yaml")
+    assert (example["kind"], example["metadata"]["name"]) == ("Secret", "softprompt-ray-auth")
+    assert set(example["stringData"]) == {"auth_token"}
+    readme = (INFRA / "README.md").read_text()
+    assert "create secret generic softprompt-ray-auth" in readme and "--from-literal=auth_token=" in readme
 
 
 def test_no_literal_credentials_anywhere() -> None:
@@ -271,23 +303,96 @@ def test_every_container_image_is_pinned() -> None:
                 assert name and "/" not in tag and tag != "latest", f"{path}: image {image!r} is not pinned"
 
 
-def test_minio_policy_is_least_privilege() -> None:
-    """Read, write and list the registry bucket; delete only under tmp/ (Ray Train removes old
-    checkpoints under <bucket>/tmp/softprompt/<job>/ray, and scratch lives there), so published
-    versions cannot be deleted with the pipeline's key."""
-    policy = json.loads((INFRA / "minio" / "policy.json").read_text())
-    grants = {(a, r) for s in policy["Statement"] for a in s["Action"] for r in s["Resource"]}
-    assert grants == {
-        ("s3:ListBucket", f"arn:aws:s3:::{BUCKET}"),
-        ("s3:GetObject", f"arn:aws:s3:::{BUCKET}/*"),
-        ("s3:PutObject", f"arn:aws:s3:::{BUCKET}/*"),
-        ("s3:DeleteObject", f"arn:aws:s3:::{BUCKET}/tmp/*"),
-    }
-    assert {s["Effect"] for s in policy["Statement"]} == {"Allow"}
-    assert not any("Condition" in s or "NotAction" in s or "NotResource" in s for s in policy["Statement"])
-    where = scratch.default_scratch(f"s3://{BUCKET}/registry", "softprompt-tune-x")
-    assert where.startswith(f"s3://{BUCKET}/tmp/"), f"the tune step's scratch {where} is outside tmp/: deletes there are refused"
+def test_s3_policies_are_one_per_writer_and_none_writes_the_whole_bucket() -> None:
+    """No key may PutObject on softprompt-registry/* as a whole: each writer has its own policy."""
+    assert {p.stem for p in POLICIES.glob("*.json")} == WRITERS
+    assert not (INFRA / "minio" / "policy.json").exists(), "the bucket-wide policy.json is replaced by policies/"
+    for writer in WRITERS:
+        statements = _policy(writer)["Statement"]
+        assert {s["Effect"] for s in statements} <= {"Allow", "Deny"}
+        assert not any("Condition" in s or "NotAction" in s or "NotResource" in s or "Principal" in s for s in statements)
+        for s in statements:
+            assert all(a.startswith("s3:") and "*" not in a for a in s["Action"]), f"{writer}: wildcard action in {s}"
+            assert all(r.startswith(f"arn:aws:s3:::{BUCKET}") and "[" not in r for r in s["Resource"]), s
+            if s["Effect"] == "Allow" and {"s3:PutObject", "s3:DeleteObject"} & set(s["Action"]):
+                assert f"arn:aws:s3:::{BUCKET}/*" not in s["Resource"], f"{writer} may write the whole bucket"
+        for key in ("configs/nightly.yaml", "data/train.csv", "anything"):
+            assert not _allows(writer, "s3:PutObject", key), f"{writer} may write {key}"
+        assert not _allows(writer, "s3:PutObject", f"{REGISTRY_PREFIX}/x"), f"{writer} may write any registry key"
+    assert not any(_allows(w, "s3:DeleteObject", k) for w in WRITERS for k in (
+        f"{REGISTRY_PREFIX}/t/m/0123456789abcdef/MANIFEST.json", f"{REGISTRY_PREFIX}/t/m/champion.json")), \
+        "no key deletes published versions or the pointer (the bucket is versioned, deletes are for tmp/ only)"
+    for writer in WRITERS:
+        assert _allows(writer, "s3:ListBucket", "") and _allows(writer, "s3:GetObject", f"{REGISTRY_PREFIX}/t/m/champion.json")
+
+
+def test_publish_writes_versions_and_only_promote_moves_the_champion(tmp_path: Path) -> None:
+    """The policies against the keys the registry code really writes: publish's are version objects
+    (the publish key may write them; promote's may not), promote's are the champion pointer and its
+    history (only the promote key may write them)."""
+    from softprompt.registry import promote, publish
+    from softprompt.registry.store import LocalStore
+
+    store = LocalStore(tmp_path / "registry")
+    first = publish(store, _run_folder(tmp_path / "run1", 0.8)).version
+    published = set(store.list(""))
+    promote(store, "intent", "HuggingFaceTB/SmolLM2-135M", first)
+    second = publish(store, _run_folder(tmp_path / "run2", 0.9)).version
+    published |= set(store.list("")) - published - {k for k in store.list("") if "/history/" in k or k.endswith("/champion.json")}
+    assert promote(store, "intent", "HuggingFaceTB/SmolLM2-135M", second).status == "promoted"
+    moved = set(store.list("")) - published
+    assert published and all(k.count("/") == 3 for k in published), published  # <task>/<model>/<version>/<file>
+    assert {k for k in moved if k.endswith("/champion.json")} and {k for k in moved if "/history/" in k}, moved
+    for key in published:
+        assert _allows("publish", "s3:PutObject", f"{REGISTRY_PREFIX}/{key}"), f"publish cannot write {key}"
+        assert not _allows("promote", "s3:PutObject", f"{REGISTRY_PREFIX}/{key}"), f"promote can write version object {key}"
+    for key in moved:
+        assert _allows("promote", "s3:PutObject", f"{REGISTRY_PREFIX}/{key}"), f"promote cannot write {key}"
+        assert not _allows("publish", "s3:PutObject", f"{REGISTRY_PREFIX}/{key}"), f"publish can write the pointer key {key}"
+    for writer in ("ray", "serve"):
+        assert not any(_allows(writer, "s3:PutObject", f"{REGISTRY_PREFIX}/{k}") for k in published | moved), writer
+
+
+def test_ray_key_writes_only_the_scratch_and_checkpoint_prefix() -> None:
+    """Ray writes (and deletes old checkpoints) only under tmp/: the tune step's scratch, where the
+    driver puts the winners, and Ray's storage_path (the step sets `<scratch>/ray`); the bucket's
+    lifecycle rule expires that prefix. Deletes go nowhere else, for any key."""
+    where = scratch.default_scratch(f"s3://{BUCKET}/{REGISTRY_PREFIX}", rayjob.job_name("run-1"))
+    assert where.startswith(f"s3://{BUCKET}/tmp/"), f"the tune step's scratch {where} is outside tmp/"
+    prefix = where[len(f"s3://{BUCKET}/"):]
+    for key in ("config/config.yaml", "data/train.parquet", "winners/00/adapter_config.json",
+                "ray/softprompt-tune/checkpoint_000001/adapter_model.safetensors"):
+        for action in ("s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"):
+            assert _allows("ray", action, f"{prefix}/{key}"), f"ray cannot {action} {prefix}/{key}"
+    for key in (f"{REGISTRY_PREFIX}/t/m/0123456789abcdef/MANIFEST.json", f"{REGISTRY_PREFIX}/t/m/champion.json",
+                f"{REGISTRY_PREFIX}/t/m/history/1-0123456789abcdef.json", "configs/nightly.yaml", "tmpfile", "ray/x"):
+        for action in ("s3:PutObject", "s3:DeleteObject"):
+            assert not _allows("ray", action, key), f"ray may {action} {key}"
+    for writer in WRITERS - {"ray"}:
+        assert not _allows(writer, "s3:DeleteObject", f"{prefix}/config/config.yaml")
+    assert "{scratch}/ray" in (REPO_ROOT / "src" / "softprompt" / "kubeflow" / "steps.py").read_text()
     assert _tmp_prefix_expires(), "the tmp/ prefix where deletes are allowed must expire by lifecycle rule"
+
+
+def test_each_writer_step_reads_its_own_secret_and_the_role_allows_it() -> None:
+    """publish and promote run with their own S3 key (SOFTPROMPT_S3_SECRET on their tasks); every
+    other step, and the Ray pods, with softprompt-s3 (the ray policy)."""
+    from softprompt.kubeflow import pods
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = yaml.safe_load(kfp_pipeline.compile_pipeline(Path(tmp) / "p.yaml").read_text())
+    secrets = {
+        name.removeprefix("exec-"): {e["name"]: e["value"] for e in ex["container"].get("env", [])}.get("SOFTPROMPT_S3_SECRET", pods.S3_SECRET)
+        for name, ex in spec["deploymentSpec"]["executors"].items() if "container" in ex
+    }
+    assert pods.S3_SECRET == "softprompt-s3", "the steps without SOFTPROMPT_S3_SECRET read the ray key"
+    assert secrets == {"validate": STEP_SECRETS["ray"], "ingest": STEP_SECRETS["ray"], "tune": STEP_SECRETS["ray"],
+                       "evaluate": STEP_SECRETS["ray"], "publish": STEP_SECRETS["publish"], "promote": STEP_SECRETS["promote"]}
+    (rule,) = [r for r in _one("rbac/role.yaml", "Role")["rules"] if r["resources"] == ["secrets"]]
+    assert set(STEP_SECRETS.values()) <= set(rule["resourceNames"])
+    examples = {d["metadata"]["name"]: d for d in _docs(INFRA / "minio" / "secret.example.yaml")}
+    for writer, secret in {**STEP_SECRETS, "serve": "softprompt-s3-serve"}.items():
+        assert set(examples[secret]["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, writer
 
 
 def test_lifecycle_expires_tmp_and_abandoned_uploads() -> None:
@@ -305,22 +410,31 @@ def test_lifecycle_expires_tmp_and_abandoned_uploads() -> None:
     assert minio_env["MINIO_API_STALE_UPLOADS_EXPIRY"] == "24h"
 
 
-def test_bucket_job_creates_a_versioned_bucket_with_the_policy() -> None:
+def test_bucket_job_creates_a_versioned_bucket_and_one_user_per_writer() -> None:
     job = _one("minio/bucket-job.yaml", "Job")
     (container,) = job["spec"]["template"]["spec"]["containers"]
     script = container["args"][0]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["BUCKET"] == BUCKET
+    env = {e["name"]: e for e in container["env"]}
+    assert env["BUCKET"]["value"] == BUCKET
     for step in (
         "mc mb --ignore-existing",
         "mc version enable",
         "mc ilm import",
-        "mc admin policy create",
-        "mc admin policy attach",
+        'mc admin policy create local "softprompt-$1" "/config/$1.json"',
+        'mc admin policy attach local "softprompt-$1" --user "$2"',
     ):
         assert step in script, f"bucket-job.yaml: missing `{step}`"
     generated = _docs(INFRA / "minio" / "kustomization.yaml")[0]["configMapGenerator"]
-    assert set(generated[0]["files"]) == {"policy.json", "lifecycle-minio.json"}
+    assert set(generated[0]["files"]) == {f"policies/{w}.json" for w in WRITERS} | {"lifecycle-minio.json"}
+    users = dict(re.findall(r'writer (\w+) "\$(\w+)_KEY_ID"', script))
+    assert set(users) == WRITERS, f"bucket-job.yaml creates users for {sorted(users)}"
+    for writer, var in users.items():
+        secret = STEP_SECRETS.get(writer, f"softprompt-s3-{writer}")
+        for suffix, key in (("_KEY_ID", "AWS_ACCESS_KEY_ID"), ("_SECRET_KEY", "AWS_SECRET_ACCESS_KEY")):
+            ref = env[var + suffix]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == (secret, key), f"{var}{suffix}"
+            assert ref.get("optional", False) == (writer == "serve"), "only the serving key is optional"
+    assert "more than one softprompt-s3* Secret" in script, "one access key in two Secrets would merge two policies"
 
 
 def test_prometheus_scrapes_the_ray_metrics_port() -> None:
@@ -491,6 +605,38 @@ def _kustomization_paths(path: Path) -> list[Path]:
     refs += [p["path"] for p in doc.get("patches", []) if "path" in p]
     refs += [f for g in doc.get("configMapGenerator", []) for f in g.get("files", [])]
     return [path.parent / ref for ref in refs]
+
+
+def _policy(writer: str) -> dict[str, Any]:
+    return dict(json.loads((POLICIES / f"{writer}.json").read_text()))
+
+
+def _allows(writer: str, action: str, key: str) -> bool:
+    """IAM's decision for `action` on `key` of the bucket ("" = the bucket itself): an explicit Deny
+    wins, else any Allow; `*` matches any characters, `/` included, as in IAM resource ARNs."""
+    arn = f"arn:aws:s3:::{BUCKET}" + (f"/{key}" if key else "")
+    hits = [s["Effect"] for s in _policy(writer)["Statement"]
+            if action in s["Action"] and any(fnmatch.fnmatchcase(arn, r) for r in s["Resource"])]
+    return "Deny" not in hits and "Allow" in hits
+
+
+def _run_folder(folder: Path, accuracy: float) -> Path:
+    """A run folder that `registry.publish` accepts (its adapter bytes need not be real)."""
+    from softprompt.config import config_from_dict, to_dict
+
+    config = {"task": {"name": "intent", "labels": ["a", "b"], "verbalizer": {"a": [" a"], "b": [" b"]}},
+              "data": {"train": "x.csv"}, "model": {"name": "HuggingFaceTB/SmolLM2-135M"}}
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}))
+    (folder / "adapter_model.safetensors").write_bytes(hashlib.sha256(str(accuracy).encode()).digest())
+    (folder / "run_manifest.json").write_text(json.dumps({
+        "task": "intent", "base_model": {"name": "HuggingFaceTB/SmolLM2-135M", "weights_sha256": "ab" * 32},
+        "config": to_dict(config_from_dict(config)), "git": {"sha": "x"}, "packages": {"softprompt": "0"},
+        "dataset": {"fingerprint": "d"}, "train": {"steps": 1}}))
+    (folder / "metrics.json").write_text(json.dumps(
+        {"primary_metric": "accuracy", "split": "test", "eval_fingerprint": "e", "tuned": {"accuracy": accuracy}}))
+    (folder / "report.html").write_text(f"<html>{accuracy}</html>")
+    return folder
 
 
 def _tmp_prefix_expires() -> bool:

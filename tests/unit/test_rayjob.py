@@ -52,6 +52,8 @@ class FakeKube:
     log: str = "driver: tuning...\ndriver: best trial accuracy=0.91\n"
     on_status: Callable[[dict[str, Any]], None] | None = None
     create_status: int | None = None
+    ray_token: str = ""
+    """The token in the Secret softprompt-ray-auth ("" = no such Secret)."""
 
     def handle(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any, str]:
         if method == "POST" and path == RAYJOBS:
@@ -82,6 +84,9 @@ class FakeKube:
         if method == "GET" and path == f"/api/v1/namespaces/{NS}/secrets/softprompt-s3":
             data = {k: base64.b64encode(v.encode()).decode() for k, v in (("AWS_ACCESS_KEY_ID", "pipeline"), ("AWS_SECRET_ACCESS_KEY", "s3cr3t"))}
             return 200, {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "softprompt-s3"}, "data": data}, "application/json"
+        if method == "GET" and path == f"/api/v1/namespaces/{NS}/secrets/softprompt-ray-auth" and self.ray_token:
+            data = {"auth_token": base64.b64encode(self.ray_token.encode()).decode()}
+            return 200, {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "softprompt-ray-auth"}, "data": data}, "application/json"
         return 404, _status_obj(404, "NotFound"), "application/json"
 
 
@@ -494,6 +499,57 @@ def test_steps_read_s3_credentials_from_the_secret_in_a_pod(kube: tuple[Any, Fak
     fake.requests.clear()
     pods.ensure_s3_credentials(api)  # credentials present: no API call
     assert fake.requests == []
+
+
+@pytest.fixture()
+def no_ray_token_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_ray_auth_headers_take_the_token_from_env_file_or_the_pods_secret(
+        kube: tuple[Any, FakeKube], tmp_path: Path, no_ray_token_env: pytest.MonkeyPatch) -> None:
+    api, fake = kube
+    monkeypatch = no_ray_token_env
+    assert rayjob.ray_auth_headers() == {}  # outside a pod, no token: no header (Ray adds its own if RAY_AUTH_MODE=token)
+    (tmp_path / "namespace").write_text(NS)
+    monkeypatch.setattr(pods, "SA_DIR", tmp_path)
+    fake.ray_token = "s3cr3t-ray-token"
+    assert rayjob.ray_auth_headers(api) == {"Authorization": "Bearer s3cr3t-ray-token"}
+    assert fake.requests[-1][:2] == ("GET", f"/api/v1/namespaces/{NS}/secrets/softprompt-ray-auth")
+    fake.ray_token = ""
+    lines: list[str] = []
+    assert rayjob.ray_auth_headers(api, echo=lines.append) == {}
+    assert "could not read Secret softprompt-dev/softprompt-ray-auth (HTTP 404" in lines[0]
+    (tmp_path / "token").write_text("from-file\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    assert rayjob.ray_auth_headers(api) == {"Authorization": "Bearer from-file"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")  # Ray's own order: the variable, then the file
+    assert rayjob.ray_auth_headers(api) == {"Authorization": "Bearer from-env"}
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(RayLaunchError, match=r"RAY_AUTH_TOKEN_PATH=.*missing cannot be read"):
+        rayjob.ray_auth_headers(api)
+
+
+def test_jobs_api_client_sends_the_token(monkeypatch: pytest.MonkeyPatch, no_ray_token_env: pytest.MonkeyPatch) -> None:
+    import ray.job_submission
+
+    made: list[dict[str, Any]] = []
+
+    class Client(FakeJobs):
+        def __init__(self, address: str, **kwargs: Any) -> None:
+            super().__init__()
+            made.append({"address": address, **kwargs})
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t0k3n")
+    run_ray_job("http://head:8265", "x", "softprompt-tune-1", echo=lambda _: None)
+    assert made == [{"address": "http://head:8265", "headers": {"Authorization": "Bearer t0k3n"}}]
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    run_ray_job("http://head:8265", "x", "softprompt-tune-2", echo=lambda _: None)
+    assert made[-1] == {"address": "http://head:8265", "headers": None}  # no token: Ray's own lookup
 
 
 def test_jobs_api_retries_while_the_head_is_not_ready(monkeypatch: pytest.MonkeyPatch) -> None:

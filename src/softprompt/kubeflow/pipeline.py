@@ -42,6 +42,11 @@ class PipelineOutputs(NamedTuple):
     """Whether the tuned prompt beat every baseline (and promotion was attempted)."""
 
 
+S3_SECRET_ENV = "SOFTPROMPT_S3_SECRET"
+"""Names the Secret a step reads its S3 key from (`pods.S3_SECRET`; default softprompt-s3)."""
+PUBLISH_S3_SECRET = "softprompt-s3-publish"
+PROMOTE_S3_SECRET = "softprompt-s3-promote"
+
 _TRANSIENT_RETRY = {"num_retries": 3, "backoff_duration": "30s", "backoff_factor": 2.0, "backoff_max_duration": "10m"}
 
 
@@ -97,6 +102,9 @@ def softprompt_pipeline(
     publish = c.publish(config=config, artifact=evaluate.outputs["artifact"])
     publish.set_display_name("Publish").set_caching_options(False)
     publish.set_cpu_request("500m").set_memory_request("1Gi").set_memory_limit("2Gi").set_retry(**_TRANSIENT_RETRY)
+    # One S3 key per writer (infra/minio/policies/): publish adds versions but cannot move the champion,
+    # promote moves only the champion pointer; the other steps' key (softprompt-s3) writes only tmp/.
+    publish.set_env_variable(S3_SECRET_ENV, PUBLISH_S3_SECRET)
 
     registered = dsl.importer(
         artifact_uri=publish.outputs["uri"],
@@ -118,6 +126,7 @@ def softprompt_pipeline(
         )
         promote.set_display_name("Promote").set_caching_options(False)
         promote.set_cpu_request("500m").set_memory_request("1Gi").set_memory_limit("2Gi").set_retry(**_TRANSIENT_RETRY)
+        promote.set_env_variable(S3_SECRET_ENV, PROMOTE_S3_SECRET)
 
     return PipelineOutputs(publish.outputs["version"], publish.outputs["uri"], evaluate.outputs["Output"])
 
