@@ -23,6 +23,7 @@ from softprompt.job import Models
 from softprompt.outcome import TrainOutcome
 from softprompt.prompts import ADAPTER_WEIGHTS
 from softprompt.ray import tune
+from softprompt.ray.sweep_state import TamperedSweepError
 from softprompt.ray.trainers import RayTuneTrainer
 from softprompt.ray.view import LiveView
 
@@ -112,6 +113,15 @@ def test_asha_stops_a_trial_the_next_starts_and_a_stopped_driver_resumes(
     assert returncode == 2 and "tune was interrupted with 1 trial(s) unfinished" in out, out[-3000:]
     assert "stopped at step 4" in out  # ASHA stopped trial 2 ...
     assert out.count(" started (") == 3  # ... and trial 3 started after it
+
+    # Tuner.restore would unpickle the saved sweep: a file changed since this job recorded it is refused.
+    tuner_pkl = run_dir / "ray" / "tune" / "tuner.pkl"
+    original = tuner_pkl.read_bytes()
+    tuner_pkl.write_bytes(original + b"\x00")
+    with pytest.raises(TamperedSweepError, match=r"changed: tuner\.pkl"):
+        tune.run(tiny_task.config(*overrides[len(tiny_task.overrides):]), tiny_task.data_dir, run_dir)
+    tuner_pkl.write_bytes(original)
+    capsys.readouterr()
 
     result = tune.run(tiny_task.config(*overrides[len(tiny_task.overrides):]), tiny_task.data_dir, run_dir)  # Tuner.restore
     second = capsys.readouterr().out

@@ -30,7 +30,7 @@ from typing import Any
 
 from softprompt.config import JobConfig, config_from_dict, replace, to_dict
 from softprompt.errors import ConfigError, SoftpromptError
-from softprompt.ray import asha
+from softprompt.ray import asha, sweep_state
 from softprompt.ray import train as ray_train
 from softprompt.ray.cluster import TRIAL_CPU, run_reservation
 from softprompt.ray.storage import checkpoint_uri, storage_location
@@ -155,14 +155,23 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, progress: 
     sweep_file = Path(run_dir) / "train" / "sweep_config.json"
     sweep = {k: v for k, v in to_dict(trial_cfg).items() if k != "ray"}  # where it runs may change, not what
     existing = ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
-    if existing and t.resume:
+    restore = existing and t.resume
+    if restore:
         _check_same_sweep(sweep_file, sweep, experiment_uri)
+        # Tuner.restore unpickles the saved sweep: only one whose files this job recorded.
+        restore = sweep_state.verify(experiment_path, fs, run_dir, experiment_uri)
+        if not restore:
+            echo(f"the sweep in {experiment_uri} has no record of its files in this run folder ({sweep_state.RECORD}), so "
+                 "it cannot be verified and is not restored; starting over")
+    if restore:
         echo(f"resuming the sweep in {experiment_uri} (finished trials are kept)")
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
         if existing:
-            echo(f"tune.resume=false: starting over; removing the earlier sweep in {experiment_uri}")
+            if not t.resume:
+                echo(f"tune.resume=false: starting over; removing the earlier sweep in {experiment_uri}")
             _remove(experiment_path, fs)
+        sweep_state.forget(run_dir)
         sweep_file.parent.mkdir(parents=True, exist_ok=True)
         sweep_file.write_text(json.dumps(sweep, indent=1, sort_keys=True))
         scheduler, search = _scheduler_and_search(t, trial_cfg, concurrency)
@@ -181,7 +190,10 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, progress: 
         )
     echo(f"tune: {max(1, t.num_samples)} trial(s), {concurrency} at a time, {cfg.ray.num_workers} Ray Train worker(s) each; "
           f"{t.search} search, scheduler {t.scheduler}; ranking on eval {metric}")
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        sweep_state.record(experiment_path, fs, run_dir)
     trials = _summaries(grid, trial_cfg, cfg.ray)
     # The grid's trials are all TERMINATED after an interruption (Tune stops them on cleanup); the
     # experiment state it saved just before says which ones had not ended.
