@@ -147,6 +147,27 @@ def test_a_manifest_moved_under_another_version_id_is_refused(reg: tuple[Path, s
         verify_folder(root / TASK / MODEL / version)
 
 
+def test_a_manifest_figure_edited_to_pass_the_gate_is_refused_and_repaired(
+    reg: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The id covers the files, not the manifest's figures; the gate reads the manifest's metric, so
+    it is checked against the hashed metrics.json (same files, same id, a better number)."""
+    root, champion = reg
+    v2 = publish(LocalStore(root), make_run(tmp_path / "run2", accuracy=0.5, seed="2")).version
+    path = root / TASK / MODEL / v2 / "MANIFEST.json"
+    manifest = json.loads(path.read_text())
+    manifest["metric"]["value"] = 0.99
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match=r"its metric\.value differ from metrics\.json's"):
+        verify_folder(root / TASK / MODEL / v2)
+    code, _, err = cli(capsys, "promote", TASK, MODEL, v2, "--force", "--reason", "test", "--registry", str(root))
+    assert code == 2 and f"refusing to promote {v2}" in err and "metric.value" in err, err
+    assert json.loads((root / TASK / MODEL / "champion.json").read_text())["version"] == champion
+    code, out, _ = cli(capsys, "registry", "repair", TASK, MODEL, v2, "--from", str(tmp_path / "run2"), "--registry", str(root))
+    assert code == 0 and "MANIFEST.json" in out
+    assert verify_folder(root / TASK / MODEL / v2)["metric"]["value"] == 0.5
+
+
 def test_the_version_id_rule_is_the_one_publish_used() -> None:
     legacy = Path(__file__).resolve().parents[1] / "data" / "registry-98c578d" / "support-intent" / "model" / "254902551fd5a39f"
     manifest = json.loads((legacy / "MANIFEST.json").read_text())

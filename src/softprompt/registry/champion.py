@@ -316,7 +316,7 @@ def _move_pointer(
 def _refuse_damaged(store: ArtifactStore, task: str, model: str, manifest: dict[str, Any], verb: str) -> None:
     """Refuse to point the champion at a version whose stored files are not the ones it lists."""
     version = manifest["version"]
-    damage = stored_damage(store, f"{task}/{model}/{version}", manifest["files"])
+    damage = stored_damage(store, f"{task}/{model}/{version}", manifest["files"], manifest)
     if damage:
         raise IntegrityError(
             f"refusing to {verb} {version} of {task}/{model}: its stored files are damaged ("

@@ -27,6 +27,7 @@ from softprompt.registry.objects import NotFoundError, sha256_file
 from softprompt.registry.store import ArtifactStore
 
 MANIFEST = "MANIFEST.json"
+METRICS = "metrics.json"
 MANIFEST_FORMAT = "softprompt.registry.version/1"
 VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -132,10 +133,42 @@ def verify_folder(folder: Path, version: str | None = None) -> dict[str, Any]:
                 f"{target} does not match {MANIFEST}: sha256 {digest} ({size} bytes), recorded "
                 f"{entry['sha256']} ({entry['size']} bytes); {fix}"
             )
+        if entry["name"] == METRICS:
+            problem = metrics_problem(manifest, target.read_bytes())
+            if problem:
+                raise IntegrityError(f"{path}: {problem}; {fix}")
     return manifest
 
 
-def stored_damage(store: ArtifactStore, prefix: str, files: list[dict[str, Any]]) -> dict[str, str]:
+def metrics_problem(manifest: dict[str, Any], metrics_json: bytes) -> str | None:
+    """What in a manifest disagrees with the version's own metrics.json, or None.
+
+    The id covers the files, not the manifest's other fields; the figures the gate and `list` read
+    from the manifest (the metric, the tuned and baseline metrics, the eval fingerprint) are copies
+    of metrics.json's, which is hashed, so they are checked against it.
+    """
+    try:
+        metrics = json.loads(metrics_json)
+        name = manifest["metric"]["name"]
+        expected = {
+            "metric.value": float(metrics["tuned"][name]),
+            "metrics": _numbers(metrics["tuned"]),
+            "baselines": {k: _numbers(metrics[k]) for k in ("zero_shot", "few_shot") if k in metrics},
+            "eval_fingerprint": metrics["eval_fingerprint"],
+        }
+        recorded = {
+            "metric.value": manifest["metric"]["value"], "metrics": manifest.get("metrics"),
+            "baselines": manifest.get("baselines"), "eval_fingerprint": manifest.get("eval_fingerprint"),
+        }
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return f"metrics.json cannot be compared with it ({type(e).__name__}: {e})"
+    wrong = [key for key in expected if recorded[key] != expected[key]]
+    return f"its {', '.join(wrong)} differ from metrics.json's" if wrong else None
+
+
+def stored_damage(
+    store: ArtifactStore, prefix: str, files: list[dict[str, Any]], manifest: dict[str, Any] | None = None
+) -> dict[str, str]:
     """Download and hash each of a version's stored files; what is wrong with each damaged one.
 
     The bytes are hashed here rather than trusting the store's recorded checksum, which can be
@@ -145,6 +178,8 @@ def stored_damage(store: ArtifactStore, prefix: str, files: list[dict[str, Any]]
         store: the registry.
         prefix: the version's key, `task/model/version`.
         files: the manifest's `files` entries (name, sha256, size).
+        manifest: the whole manifest, to check its figures against the stored metrics.json too
+            (a disagreement is reported under MANIFEST.json).
 
     Returns:
         File name -> problem, for the files that are missing or differ; empty when all are intact.
@@ -167,6 +202,10 @@ def stored_damage(store: ArtifactStore, prefix: str, files: list[dict[str, Any]]
                     f"{store.uri(key)} has sha256 {digest} ({size} bytes), {MANIFEST} records "
                     f"{entry['sha256']} ({entry['size']} bytes)"
                 )
+            elif manifest is not None and entry["name"] == METRICS:
+                problem = metrics_problem(manifest, local.read_bytes())
+                if problem:
+                    damage[MANIFEST] = f"{store.uri(prefix + '/' + MANIFEST)}: {problem}"
     return damage
 
 
@@ -180,6 +219,12 @@ def inside(root: Path, name: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def _numbers(block: Any) -> dict[str, float]:
+    """The numeric fields of a metrics block, as publish copies them into the manifest."""
+    items = block.items() if isinstance(block, dict) else []
+    return {k: float(v) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _manifest_problem(manifest: Any) -> str | None:

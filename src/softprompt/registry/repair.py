@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt.errors import IntegrityError, StoreError
-from softprompt.registry.integrity import MANIFEST, stored_damage
+from softprompt.registry.integrity import MANIFEST, METRICS, stored_damage
 from softprompt.registry.publishing import read_run, version_manifest
 from softprompt.registry.store import ArtifactStore, NotFoundError
 from softprompt.registry.versions import check_version, load_manifest, slug
@@ -67,12 +67,17 @@ def repair(store: ArtifactStore, task: str, base_model: str, version: str, run_d
         store.put_file(f"{prefix}/{name}", run.path / name)  # the only overwrite of a version's file
         restored.append(name)
     try:
-        load_manifest(store, task, model, version)
+        stored = load_manifest(store, task, model, version)
+        # A manifest whose figures disagree with the (hashed) metrics.json is damaged too.
+        damaged = MANIFEST in stored_damage(store, prefix, [f for f in stored["files"] if f["name"] == METRICS], stored)
     except (NotFoundError, IntegrityError):
+        damaged = True
+    if damaged:
         body = json.dumps(version_manifest(run), indent=2, sort_keys=True).encode()
         store.put_bytes(f"{prefix}/{MANIFEST}", body)
         restored.append(MANIFEST)
-    still = stored_damage(store, prefix, load_manifest(store, task, model, version)["files"])
+    manifest = load_manifest(store, task, model, version)
+    still = stored_damage(store, prefix, manifest["files"], manifest)
     if still:
         raise IntegrityError(
             f"{store.uri(prefix)} is still damaged after repairing it ({'; '.join(still.values())}); "
