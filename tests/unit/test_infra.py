@@ -29,7 +29,7 @@ from packaging.version import Version
 
 from softprompt.kubeflow import cli as kfp_cli
 from softprompt.kubeflow import pipeline as kfp_pipeline
-from softprompt.kubeflow import rayjob, scratch
+from softprompt.kubeflow import pods, rayjob, scratch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA = REPO_ROOT / "infra"
@@ -163,7 +163,7 @@ def test_ray_clusters_require_the_token_from_the_one_secret() -> None:
     for spec in _ray_cluster_specs():
         assert spec["authOptions"] == {"mode": "token", "secretName": RAY_AUTH["secretKeyRef"]["name"]}
     assert Version(_one("kuberay/raycluster.yaml", "RayCluster")["spec"]["rayVersion"]) >= Version("2.52")
-    assert (rayjob.RAY_AUTH_SECRET, rayjob.RAY_AUTH_SECRET_KEY) == ("softprompt-ray-auth", "auth_token")
+    assert (pods.RAY_AUTH_SECRET, pods.RAY_AUTH_SECRET_KEY) == ("softprompt-ray-auth", "auth_token")
     (example,) = _docs(INFRA / "kuberay" / "secret.example.yaml")
     assert (example["kind"], example["metadata"]["name"]) == ("Secret", "softprompt-ray-auth")
     assert set(example["stringData"]) == {"auth_token"}

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from softprompt.config import JobConfig, load_config, with_values
+from softprompt.errors import SoftpromptError
 from softprompt.kubeflow import pods, rayjob, remote, steps
 from softprompt.kubeflow.rayjob import (
     RayLaunchError,
@@ -512,25 +513,25 @@ def test_ray_auth_headers_take_the_token_from_env_file_or_the_pods_secret(
         kube: tuple[Any, FakeKube], tmp_path: Path, no_ray_token_env: pytest.MonkeyPatch) -> None:
     api, fake = kube
     monkeypatch = no_ray_token_env
-    assert rayjob.ray_auth_headers() == {}  # outside a pod, no token: no header (Ray adds its own if RAY_AUTH_MODE=token)
+    assert pods.ray_auth_headers() == {}  # outside a pod, no token: no header (Ray adds its own if RAY_AUTH_MODE=token)
     (tmp_path / "namespace").write_text(NS)
     monkeypatch.setattr(pods, "SA_DIR", tmp_path)
     fake.ray_token = "s3cr3t-ray-token"
-    assert rayjob.ray_auth_headers(api) == {"Authorization": "Bearer s3cr3t-ray-token"}
+    assert pods.ray_auth_headers(api) == {"Authorization": "Bearer s3cr3t-ray-token"}
     assert fake.requests[-1][:2] == ("GET", f"/api/v1/namespaces/{NS}/secrets/softprompt-ray-auth")
     fake.ray_token = ""
     lines: list[str] = []
-    assert rayjob.ray_auth_headers(api, echo=lines.append) == {}
+    assert pods.ray_auth_headers(api, echo=lines.append) == {}
     assert "could not read Secret softprompt-dev/softprompt-ray-auth (HTTP 404" in lines[0]
     (tmp_path / "token").write_text("from-file\n")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
-    assert rayjob.ray_auth_headers(api) == {"Authorization": "Bearer from-file"}
+    assert pods.ray_auth_headers(api) == {"Authorization": "Bearer from-file"}
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")  # Ray's own order: the variable, then the file
-    assert rayjob.ray_auth_headers(api) == {"Authorization": "Bearer from-env"}
+    assert pods.ray_auth_headers(api) == {"Authorization": "Bearer from-env"}
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
-    with pytest.raises(RayLaunchError, match=r"RAY_AUTH_TOKEN_PATH=.*missing cannot be read"):
-        rayjob.ray_auth_headers(api)
+    with pytest.raises(SoftpromptError, match=r"RAY_AUTH_TOKEN_PATH=.*missing cannot be read"):
+        pods.ray_auth_headers(api)
 
 
 def test_jobs_api_client_sends_the_token(monkeypatch: pytest.MonkeyPatch, no_ray_token_env: pytest.MonkeyPatch) -> None:

@@ -24,18 +24,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import os
 import re
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from softprompt import __version__
 from softprompt.errors import SoftpromptError
+from softprompt.kubeflow import pods
 from softprompt.ray import jobs
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -48,10 +47,6 @@ POLL_SECONDS = 10.0
 """How often a RayJob's status and its submitter's log are read."""
 SUBMIT_WAIT_SECONDS = jobs.SUBMIT_WAIT_SECONDS
 """How long a Jobs API submission is retried while the head asks to "try again later"."""
-RAY_AUTH_SECRET = "softprompt-ray-auth"
-"""Kubernetes Secret with the Ray clusters' token (RAY_AUTH_MODE=token; infra/README.md creates it)."""
-RAY_AUTH_SECRET_KEY = "auth_token"
-"""Its key: the one KubeRay's `authOptions.secretName` requires."""
 S3_SECRET = "softprompt-s3"
 """Kubernetes Secret with the Ray pods' S3 key (infra/minio/policies/ray.json: writes only tmp/)."""
 Echo = Callable[[str], None]
@@ -149,7 +144,7 @@ def cluster_spec(image: str, res: WorkerResources) -> dict[str, Any]:
         "rayVersion": RAY_VERSION,
         # Token authentication: KubeRay sets RAY_AUTH_MODE/RAY_AUTH_TOKEN from this Secret on the
         # containers it adds (autoscaler, wait-gcs-ready, submitter) and uses it for its own calls.
-        "authOptions": {"mode": "token", "secretName": RAY_AUTH_SECRET},
+        "authOptions": {"mode": "token", "secretName": pods.RAY_AUTH_SECRET},
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {
             "upscalingMode": "Default",
@@ -329,7 +324,7 @@ def run_ray_job(
     if client is None:
         from ray.job_submission import JobSubmissionClient
 
-        headers = ray_auth_headers()
+        headers = pods.ray_auth_headers()
         try:
             client = JobSubmissionClient(address, headers=headers or None)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -350,52 +345,6 @@ def run_ray_job(
     if code != 0:
         raise RayLaunchError(f"Ray job {sid} at {address} ended {status}; the driver's log is above")
     return RayJobResult(sid, "", status, "", attached, "")
-
-
-def ray_auth_headers(api_client: Any = None, *, echo: Echo = print) -> dict[str, str]:
-    """The `Authorization` header for a Ray cluster that runs with token authentication.
-
-    The token comes from where Ray itself looks, $RAY_AUTH_TOKEN, else the file named by
-    $RAY_AUTH_TOKEN_PATH, and inside a Kubernetes pod (a pipeline step, whose pod KFP gives no
-    secret env) from the Secret `softprompt-ray-auth` of the pod's namespace, which the pipeline's
-    Role may `get`. Ray's JobSubmissionClient adds the header on its own only when this process has
-    RAY_AUTH_MODE=token; an explicit one works either way. No token found: no header (a cluster
-    without authentication needs none; one with it answers 401, which Ray's error explains).
-
-    Raises:
-        RayLaunchError: $RAY_AUTH_TOKEN_PATH names a file that cannot be read (Ray treats that
-            as fatal too rather than falling back).
-    """
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH", "")
-    if not token and path:
-        try:
-            token = Path(path).expanduser().read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise RayLaunchError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read: {exc}") from exc
-    if not token and (api_client is not None or os.environ.get("KUBERNETES_SERVICE_HOST")):
-        token = _secret_token(api_client, echo)
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def _secret_token(api_client: Any, echo: Echo) -> str:
-    import base64
-
-    from kubernetes import client as k8s
-    from kubernetes.client.exceptions import ApiException
-
-    from softprompt.kubeflow.pods import pod_namespace
-
-    namespace = pod_namespace()
-    try:
-        secret = k8s.CoreV1Api(api_client or _kube_api_client()).read_namespaced_secret(RAY_AUTH_SECRET, namespace)
-    except Exception as exc:  # no API access: a cluster without authentication still works
-        why = f"HTTP {exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
-        echo(f"warning: no Ray token: could not read Secret {namespace}/{RAY_AUTH_SECRET} ({why}); "
-             "a cluster with token authentication will refuse the job (infra/README.md, section 2)")
-        return ""
-    value = (secret.data or {}).get(RAY_AUTH_SECRET_KEY)
-    return base64.b64decode(value).decode().strip() if value else ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,21 +399,14 @@ def _submit(client: Any, address: str, sid: str, entrypoint: str, runtime_env: d
         raise RayLaunchError(str(exc)) from exc
 
 
-def _kube_api_client() -> Any:
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()  # outside a cluster: the current kubectl context
-    return client.ApiClient()
+_kube_api_client = pods.in_cluster_client
 
 
 def _container(name: str, image: str, ports: list[dict[str, Any]], resources: dict[str, Any]) -> dict[str, Any]:
     env: list[dict[str, Any]] = [{"name": key, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}}}
                                  for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
     env += [{"name": "RAY_AUTH_MODE", "value": "token"},
-            {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": RAY_AUTH_SECRET, "key": RAY_AUTH_SECRET_KEY}}}]
+            {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": pods.RAY_AUTH_SECRET, "key": pods.RAY_AUTH_SECRET_KEY}}}]
     return {
         "name": name,
         "image": image,
