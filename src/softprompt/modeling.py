@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,14 @@ def _pick_dtype(choice: str, device: Any) -> Any:
 
     if choice == "auto":
         # bf16 frozen weights halve memory traffic on GPUs; most CPUs have no fast bf16 matmul.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # A GPU without native bf16 (T4, V100: torch's default check counts slow emulation) gets
+        # float32, not float16: training here has no loss scaling, so float16 activations would
+        # flush the prompt's small gradients to zero.
+        if device.type == "cuda":
+            with torch.cuda.device(device) if device.index is not None else contextlib.nullcontext():
+                if torch.cuda.is_bf16_supported(including_emulation=False):
+                    return torch.bfloat16
+        return torch.float32
     return getattr(torch, choice)
 
 
@@ -199,14 +207,54 @@ def _from_gguf(gguf: Path, cache: Path) -> Path:
     if not gguf.is_file():
         raise ModelError(f"GGUF file {gguf} does not exist")
     digest = _file_sha256(gguf)[:16]
-    out = cache / "models" / f"{gguf.stem}-{digest}"
-    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+    return _cached_folder(cache / "models" / f"{gguf.stem}-{digest}", lambda tmp: _dequantize(gguf, tmp))
+
+
+def _cached_folder(out: Path, build: Callable[[Path], None]) -> Path:
+    """`out`, built once by `build(tmp)` into a temporary folder that is then renamed to `out`.
+
+    Ray workers on one node (and several jobs) share the cache: an exclusive `fcntl.flock` on
+    `<out>.lock` lets one process build while the others wait and then find it complete, and the
+    rename makes a folder appear whole or not at all. A crashed build leaves only its temporary
+    folder, which the next build removes.
+    """
+    if _complete(out):
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out.with_name(out.name + ".lock")):
+        if _complete(out):  # another process built it while this one waited
+            return out
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # only the lock holder writes here: leftovers are a crash's
+        build(tmp)
+        if out.exists():  # a half-written folder from before this lock existed
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    return out
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if missing), held for the `with` block."""
+    import fcntl
+
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _dequantize(gguf: Path, dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("dequantizing %s into %s (once)", gguf, out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    log.info("dequantizing %s into %s (once)", gguf, dest.parent)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -216,12 +264,8 @@ def _from_gguf(gguf: Path, cache: Path) -> Path:
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    if out.exists():  # a half-written folder from an interrupted conversion
-        shutil.rmtree(out)
-    tmp.replace(out)
-    return out
+    model.save_pretrained(str(dest))
+    tok.save_pretrained(str(dest))
 
 
 def _file_sha256(path: Path) -> str:

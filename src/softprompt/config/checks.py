@@ -24,8 +24,14 @@ from softprompt.config.typed import (
 )
 
 
-def validate(cfg: JobConfig) -> list[str]:
-    """Cross-field checks; returns every problem (empty when the configuration is usable)."""
+def validate(cfg: JobConfig, *, inference_only: bool = False) -> list[str]:
+    """Cross-field checks; returns every problem (empty when the configuration is usable).
+
+    Args:
+        cfg: The configuration.
+        inference_only: The configuration is a finished run's, read back to predict with its
+            prompt (`recorded_config`): the checks that only matter for training are skipped.
+    """
     problems: list[str] = _non_finite_problems(cfg)
     t, d, p, tr, ev = cfg.task, cfg.data, cfg.prompt, cfg.train, cfg.evaluate
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", t.name):
@@ -86,6 +92,13 @@ def validate(cfg: JobConfig) -> list[str]:
         problems.append("train.early_stopping_patience needs periodic evaluation: set train.eval_every > 0")
     if ev.batch_size < 1 or ev.ece_bins < 1 or ev.few_shot_k < 0:
         problems.append("evaluate.batch_size and evaluate.ece_bins must be >= 1 and evaluate.few_shot_k >= 0")
+    if cfg.model.dtype == "float16" and not inference_only:
+        # The prompt trains in float32 through float16 activations with no loss scaling: small
+        # gradients flush to zero and large ones overflow, and the run "trains" without learning.
+        problems.append(
+            "model.dtype=float16 cannot train (there is no loss scaling, so its gradients underflow); use "
+            "model.dtype=auto (bfloat16 where the GPU supports it, else float32), bfloat16 or float32"
+        )
     problems.extend(_ray_problems(cfg.ray))
     problems.extend(_tune_problems(cfg))
     return problems
@@ -121,6 +134,14 @@ def _ray_problems(r: RayConfig) -> list[str]:
         problems.append("ray.gpus_per_worker is set but ray.use_gpu is false; set ray.use_gpu=true or drop it")
     if r.gpus_per_worker is not None and r.gpus_per_worker <= 0:
         problems.append(f"ray.gpus_per_worker={r.gpus_per_worker} must be positive or null")
+    if r.use_gpu and r.gpus_per_worker is not None and 0 < r.gpus_per_worker < 1 and r.num_workers > 1:
+        # Ray may pack a run's ranks onto one GPU; each then takes cuda:0 and NCCL fails with
+        # "Duplicate GPU detected" when the process group starts.
+        problems.append(
+            f"ray.gpus_per_worker={r.gpus_per_worker:g} with ray.num_workers={r.num_workers}: a fraction lets Ray put two "
+            "ranks of one run on the same GPU, which NCCL refuses; set ray.gpus_per_worker: 1, or ray.num_workers: 1 "
+            "(a fraction then packs whole trials onto one GPU)"
+        )
     if r.num_cpus is not None and r.num_cpus < 1:
         problems.append(f"ray.num_cpus={r.num_cpus} must be at least 1 or null")
     if r.max_failures < -1:

@@ -92,11 +92,13 @@ def load_yaml(text: str, where: str) -> Any:
         loader.dispose()
 
 
-def config_from_dict(raw: dict[str, Any]) -> JobConfig:
-    """Build and validate a configuration from a plain mapping (e.g. a resolved config in a manifest)."""
+def config_from_dict(raw: dict[str, Any], *, inference_only: bool = False) -> JobConfig:
+    """Build and validate a configuration from a plain mapping (e.g. a resolved config in a manifest).
+
+    `inference_only` skips the checks that matter only for training (see `validate`)."""
     problems: list[str] = []
     cfg = build(JobConfig, raw, "", problems, RENAMED)
-    problems.extend(p for p in validate(cfg) if p not in problems)
+    problems.extend(p for p in validate(cfg, inference_only=inference_only) if p not in problems)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -105,8 +107,10 @@ def config_from_dict(raw: dict[str, Any]) -> JobConfig:
 def recorded_config(raw: dict[str, Any]) -> JobConfig:
     """A configuration recorded by any release (a run manifest's `config`), renamed keys carried over
     to their new names: what a person writes must use the new names, what a published artifact
-    recorded stays readable."""
-    return config_from_dict(upgrade(raw))
+    recorded stays readable. It is read to predict with a finished run's prompt, so the checks that
+    matter only for training are skipped (an artifact trained in float16 by an earlier release
+    still predicts)."""
+    return config_from_dict(upgrade(raw), inference_only=True)
 
 
 def upgrade(raw: dict[str, Any]) -> dict[str, Any]:

@@ -83,7 +83,10 @@ class ModelConfig:
     cache_dir: str = "~/.cache/softprompt"
     """Where dequantized GGUF weights and S3 downloads are cached."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Frozen weight dtype. `auto`: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    """Frozen weight dtype. `auto`: bfloat16 on a CUDA GPU that supports it (Ampere and newer), else
+    float32 (CPUs, T4, V100: bf16 matmuls there are slow or emulated). `float16` is refused for a
+    job: training has no loss scaling, so small gradients underflow; it serves only predicting with
+    an already trained prompt."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` uses CUDA when available."""
     attn_implementation: str = "sdpa"
@@ -210,10 +213,12 @@ class RayConfig:
     use_gpu: bool = False
     """Give each worker a GPU and use NCCL; False trains on CPU workers with gloo."""
     cpus_per_worker: float = 1.0
-    """Logical CPUs each worker reserves (and the torch threads it uses on CPU)."""
+    """Logical CPUs each worker reserves, and the torch threads it uses (at least 1; a set
+    `OMP_NUM_THREADS` wins), on CPU and GPU workers alike."""
     gpus_per_worker: float | None = None
-    """GPUs each worker reserves with `use_gpu`; `null` means 1. Fractions pack several small
-    trials onto one GPU."""
+    """GPUs each worker reserves with `use_gpu`; `null` means 1. A fraction (e.g. 0.5) packs several
+    single-worker trials onto one GPU and needs `num_workers: 1`: Ray may place two ranks of one run
+    on the same GPU, and NCCL refuses that ("Duplicate GPU detected")."""
     accelerator_type: str | None = None
     """Only schedule workers on nodes with this accelerator (e.g. `A100`, `H100`); `null`: any."""
     num_cpus: int | None = None
@@ -290,7 +295,8 @@ class TuneConfig:
     a value not in the space comes from the rest of the config."""
     max_concurrent_trials: int | None = None
     """Trials running at once; `null` derives it from the cluster: its CPUs (GPUs with `ray.use_gpu`)
-    divided by what one trial's workers reserve."""
+    divided by what one trial's workers reserve. A joined autoscaling cluster that has no GPU node
+    up yet cannot tell: there, with `ray.use_gpu`, set it."""
     top_k_ensemble: int = 3
     """The best k trials' prompts are also scored as an ensemble (mean label log-probability), and
     the ensemble wins when it scores higher on the eval split; 1 turns ensembles off. Members

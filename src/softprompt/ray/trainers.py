@@ -12,6 +12,7 @@ trainer writes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +66,7 @@ class RayTuneTrainer:
     def train(self, cfg: JobConfig, data: str | Path, run_dir: Path, models: Models) -> TrainOutcome:
         """The sweep, then each winner's prompt as `<run_dir>/train/winners/<rank>/adapter`, best first."""
         self.echo(cluster.init_ray(cfg.ray, self.address, tuning=True))
-        sweep = tune.run(cfg, data, run_dir, progress=self.progress, echo=self.echo)
+        sweep = tune.run(cfg, data, run_dir, progress=self.progress, echo=self.echo, joined=joins_cluster(self.address, cfg))
         self.echo(sweep.table())
         out = Path(run_dir) / "train"
         shutil.rmtree(out / WINNERS_DIR, ignore_errors=True)  # a rerun's ranking replaces the last one
@@ -81,6 +82,12 @@ class RayTuneTrainer:
         outcome = TrainOutcome("ray-tune", out, tuple(adapters), with_values(cfg, best.params), _history(adapters[0].parent), summary)
         outcome.write()
         return outcome
+
+
+def joins_cluster(address: str | None, cfg: JobConfig) -> bool:
+    """Whether `cluster.init_ray` joins a cluster (rather than starting a local Ray): the same
+    address rule, `--ray-address`, then `ray.address`, then `$RAY_ADDRESS` (set inside a Ray Job)."""
+    return bool(address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
 
 def _history(folder: Path) -> list[dict[str, Any]]:

@@ -111,7 +111,10 @@ class TuneResult:
         return "\n".join(lines)
 
 
-def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print) -> TuneResult:
+def run(
+    cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print,
+    joined: bool = False,
+) -> TuneResult:
     """Search the hyperparameters of `cfg.tune.search_space`, each trial a Ray Train run.
 
     Needs a connected Ray (`softprompt.ray.cluster.init_ray`). With `tune.num_samples == 0` a single
@@ -124,6 +127,8 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, progress: 
             kept in `<run_dir>/train/sweep_config.json` (a resumed sweep must not change them).
         progress: Print the live view of the trials.
         echo: Receives the sweep's own lines (resuming, starting over, its shape).
+        joined: Ray is a cluster this process joined, not a local Ray it started (for
+            `max_concurrent_trials`).
 
     Returns:
         Every trial, ranked, with the checkpoint holding its best prompt.
@@ -141,6 +146,7 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, progress: 
     metric = t.metric or cfg.evaluate.primary_metric
     # Trials keep (and ASHA compares) their best prompt by the metric the sweep ranks on.
     trial_cfg = replace(cfg, [f"evaluate.primary_metric={metric}"])
+    concurrency = max_concurrent_trials(cfg, joined=joined)
     storage_path, fs = storage_location(cfg, run_dir)
     experiment_path = f"{storage_path}/{EXPERIMENT}"
     experiment_uri = checkpoint_uri(experiment_path, cfg.ray)
@@ -150,7 +156,6 @@ def run(cfg: JobConfig, data_uri: str | Path, run_dir: str | Path, *, progress: 
         # The trial function only drives its TorchTrainer; the workers reserve the real resources.
         {"cpu": TRIAL_CPU},
     )
-    concurrency = max_concurrent_trials(cfg)
     view = LiveView(metric, max(1, t.num_samples), trial_cfg.train.steps, enabled=progress)
     sweep_file = Path(run_dir) / "train" / "sweep_config.json"
     sweep = {k: v for k, v in to_dict(trial_cfg).items() if k != "ray"}  # where it runs may change, not what
@@ -263,16 +268,33 @@ def search_space(spec: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def max_concurrent_trials(cfg: JobConfig) -> int:
+def max_concurrent_trials(cfg: JobConfig, *, joined: bool = False) -> int:
     """`tune.max_concurrent_trials`, or what the cluster holds: its CPUs (and GPUs with `ray.use_gpu`)
     divided by one trial's reservation (its workers' and its own sliver of a CPU), at least 1 and
-    at most `tune.num_samples`."""
+    at most `tune.num_samples`.
+
+    Args:
+        cfg: The job configuration.
+        joined: This process joined a cluster (rather than starting a local Ray).
+
+    Raises:
+        ConfigError: a joined cluster has fewer GPUs than one trial needs (an autoscaling cluster
+            before its GPU nodes start reports none), and `tune.max_concurrent_trials` is not set.
+    """
     import ray
 
     if cfg.tune.max_concurrent_trials is not None:
         return cfg.tune.max_concurrent_trials
     total = ray.cluster_resources()
     cpus, gpus = run_reservation(cfg.ray, tuning=True)
+    if joined and gpus and total.get("GPU", 0.0) + 1e-9 < gpus:
+        # Deriving 1 here would run the whole sweep one trial at a time once the nodes are up.
+        raise ConfigError(
+            f"tune.max_concurrent_trials is not set and the cluster has {total.get('GPU', 0.0):g} GPUs now, fewer than "
+            f"one trial needs ({gpus:g}: ray.num_workers={cfg.ray.num_workers} x ray.gpus_per_worker="
+            f"{cfg.ray.gpus_per_worker or 1.0:g}), as an autoscaling cluster reports before its GPU nodes start; "
+            "set tune.max_concurrent_trials to the trials to run at once"
+        )
     fits = total.get("CPU", 0.0) / cpus
     if gpus:
         fits = min(fits, total.get("GPU", 0.0) / gpus)

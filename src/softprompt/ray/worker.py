@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,11 +52,10 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         logging.getLogger(name).setLevel(cfg.ray.train_log_level)
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.ray.use_gpu:
-        device = str(ray.train.torch.get_device())  # [ray] this worker's GPU
-    else:
-        device = "cpu"
-        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    # GPU workers too: tokenization, the optimizer and the host side of every step run on CPU
+    # threads, and torch's default (one per core of the node) oversubscribes a shared pod.
+    torch.set_num_threads(torch_threads(cfg.ray.cpus_per_worker, os.environ))
+    device = str(ray.train.torch.get_device()) if cfg.ray.use_gpu else "cpu"  # [ray] this worker's GPU
     loaded = load_model(cfg.model, device=device)
     rows = _materialize(ray.train.get_dataset_shard("train"))  # [ray] this worker's rows
     eval_rows: Split = config["eval"]
@@ -74,6 +75,20 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         return {"workers": gathered} if rank == 0 else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def torch_threads(cpus_per_worker: float, environ: Mapping[str, str]) -> int:
+    """The torch threads of a worker: `OMP_NUM_THREADS` when set to a positive whole number, else the
+    CPUs the worker reserves (`ray.cpus_per_worker`, rounded down), at least 1.
+
+    Ray sets `OMP_NUM_THREADS` in its workers to the same rounded-down reservation unless the user
+    set it (e.g. in the runtime environment), so either way the value is the one meant. It is set
+    explicitly because torch may have sized its thread pool before Ray set the variable.
+    """
+    given = environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) >= 1:
+        return int(given)
+    return max(1, math.floor(cpus_per_worker))
 
 
 class _RayHooks:
