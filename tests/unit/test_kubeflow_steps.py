@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from softprompt.config import JobConfig, load_config, to_dict, with_values
+from softprompt.errors import ConfigError
 from softprompt.kubeflow import scratch, steps
 from softprompt.outcome import TrainOutcome
 
@@ -142,3 +143,11 @@ def test_local_tune_leaves_the_trainers_output_folder(tmp_path: Path, monkeypatc
     assert outcome.winners == (out / "winners" / "00" / "adapter",) and outcome.config.train.lr == 0.2
     assert meta == {"launcher": "local", "trainer": "ray-tune", "winners": 1, "best_trial": "t1", "best_params": {"train.lr": 0.2},
                     "best_eval_metric": 0.5, "steps": 4}
+
+
+def test_a_config_error_names_the_config_given_not_the_steps_copy(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: {name: t, labels: [a, b], verbalizer: {a: [' a'], b: [' b']}}\ndata: {train: x.csv}\ntrain: {lr: .nan}\n")
+    with pytest.raises(ConfigError) as err:
+        steps.validate(str(bad), tmp_path / "out.yaml")
+    assert str(bad) in str(err.value) and "softprompt-validate-" not in str(err.value), str(err.value)

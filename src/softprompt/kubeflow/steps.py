@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from softprompt.config import JobConfig, load_config, to_dict
-from softprompt.errors import SoftpromptError
+from softprompt.errors import ConfigError, SoftpromptError
 from softprompt.kubeflow.pods import ensure_s3_credentials, pod_namespace
 from softprompt.kubeflow.scratch import copy_tree, default_scratch, pull_tree, push_tree
 from softprompt.outcome import TrainOutcome
@@ -63,7 +63,10 @@ def validate(
             local = fetch(config_uri, Path(tmp) / "config.yaml", endpoint=s3_endpoint or None)
         except SoftpromptError as exc:
             raise StepError(f"cannot read config {config_uri}: {exc}; pass an existing YAML path or an s3:// URI") from exc
-        cfg = load_config(local, [*parameter_overrides(base_model, train_data_uri, test_data_uri, registry, s3_endpoint), *overrides])
+        try:
+            cfg = load_config(local, [*parameter_overrides(base_model, train_data_uri, test_data_uri, registry, s3_endpoint), *overrides])
+        except ConfigError as exc:  # name the config the user gave, not this step's temporary copy
+            raise ConfigError([p.replace(str(local), config_uri) for p in exc.problems], config_uri) from None
     problems = check_sources(cfg)
     if problems:
         raise StepError("the config's data sources cannot be used:\n" + "\n".join(f"  - {p}" for p in problems))
