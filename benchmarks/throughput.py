@@ -3,6 +3,7 @@
 
     python benchmarks/throughput.py                       # SmolLM2-135M (embedded), SST-2 lengths
     python benchmarks/throughput.py --steps 20 --batch-size 16 --max-length 128
+    python benchmarks/throughput.py --device cuda:1 --quick   # a couple of minutes on a 2-core CPU
 
 The baseline is the recipe most PEFT prompt-tuning scripts use: `get_peft_model` + the model's own
 forward with `labels` (fp32 weights, bf16 autocast on GPU), every batch padded to `--max-length`,
@@ -11,7 +12,10 @@ product's loop: bf16 frozen weights on GPU, length-grouped batches padded to the
 LM head only at the label position, loss = cross-entropy over the label set).
 
 Both see the same SST-2 training sentences with the same template and label words; tokens/s counts
-real tokens (virtual + non-pad input tokens) per second of training. Peak memory is measured per
+real tokens (virtual + non-pad input tokens) per second of training. Both are timed the same way:
+`--warmup` steps first (kernel loads, allocator growth), then each step from the end of the one
+before to its own end, synchronized on CUDA, batch building included; `step_ms` is the median.
+Ours is timed through the loop's `on_step` hook, so what runs is still `train.run`. Peak memory is measured per
 case: process RSS (sampled) and, on CUDA, `max_memory_allocated`.
 """
 
@@ -93,7 +97,7 @@ def peft_usual(args: argparse.Namespace, model_cfg: Any, rows: list[tuple[str, i
 
     loaded = load_model(model_cfg, device=args.device)
     model, tok = loaded.model, loaded.tokenizer
-    if args.device == "cuda":  # the usual recipe keeps fp32 weights and autocasts
+    if _is_cuda(args.device):  # the usual recipe keeps fp32 weights and autocasts
         model.float()
     cfg = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.virtual_tokens, prompt_tuning_init=PromptTuningInit.TEXT,
@@ -110,9 +114,11 @@ def peft_usual(args: argparse.Namespace, model_cfg: Any, rows: list[tuple[str, i
     order = list(range(len(data)))
     random.Random(1).shuffle(order)
     times, real = [], 0
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    if _is_cuda(args.device):
+        torch.cuda.reset_peak_memory_stats(args.device)
     with PeakRSS() as rss:
+        _sync(args.device)
+        t = time.perf_counter()
         for step in range(args.warmup + args.steps):
             batch = [data[i] for i in order[step * args.batch_size : (step + 1) * args.batch_size]]
             ids = torch.full((len(batch), args.max_length), tok.pad_token_id, dtype=torch.long)
@@ -124,21 +130,22 @@ def peft_usual(args: argparse.Namespace, model_cfg: Any, rows: list[tuple[str, i
                 labels[i, : len(lab)] = torch.tensor(lab)
                 mask[i, : len(x)] = 1
             ids, labels, mask = ids.to(args.device), labels.to(args.device), mask.to(args.device)
-            _sync(args.device)
-            t = time.perf_counter()
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=args.device == "cuda"):
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=_is_cuda(args.device)):
                 loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            real_step = int(mask.sum()) + args.virtual_tokens * len(batch)  # also synchronizes
             _sync(args.device)
+            now = time.perf_counter()
             if step >= args.warmup:
-                times.append(time.perf_counter() - t)
-                real += int(mask.sum()) + args.virtual_tokens * len(batch)
+                times.append(now - t)
+                real += real_step
+            t = now
     result = {
         "case": "peft-usual", "steps": len(times), "step_ms": round(1000 * statistics.median(times), 1),
         "real_tok_s": round(real / sum(times), 1), "peak_rss_mb": round(rss.peak_mb), "peak_gpu_mb": _gpu_peak(args.device),
-        "dtype": "float32" + ("+bf16-autocast" if args.device == "cuda" else ""),
+        "dtype": "float32" + ("+bf16-autocast" if _is_cuda(args.device) else ""),
     }
     pm.unload() if hasattr(pm, "unload") else None
     del pm, model, opt
@@ -146,7 +153,7 @@ def peft_usual(args: argparse.Namespace, model_cfg: Any, rows: list[tuple[str, i
 
 
 def softprompt_loop(args: argparse.Namespace, rows: list[tuple[str, int]], dtype: str, tmp: Path) -> dict[str, Any]:
-    """softprompt's own loop (`train.run`), timed end to end by the loop itself."""
+    """softprompt's own loop (`train.run`), each step timed through its `on_step` hook."""
     cfg = load_config(
         None,
         [
@@ -161,31 +168,64 @@ def softprompt_loop(args: argparse.Namespace, rows: list[tuple[str, int]], dtype
     loaded = load_model(cfg.model, device=args.device)
     tok = loaded.tokenizer
     split = Split(input_ids=[encode_input(tok, TEMPLATE, t) for t, _ in rows], label_ids=[y for _, y in rows])
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    if _is_cuda(args.device):
+        torch.cuda.reset_peak_memory_stats(args.device)
+    timer = _StepTimer(args.device, args.warmup)
     with PeakRSS() as rss:
-        result = train.run(cfg, loaded, split, None, tmp / f"ours-{dtype}", resume=False)
+        _sync(args.device)
+        timer.last = time.perf_counter()
+        train.run(cfg, loaded, split, None, tmp / f"ours-{dtype}", resume=False, hooks=timer)
     return {
-        "case": f"softprompt ({dtype})", "steps": result.steps, "step_ms": round(1000 * result.seconds / result.steps, 1),
-        "real_tok_s": round(result.tokens_per_second, 1), "peak_rss_mb": round(rss.peak_mb), "peak_gpu_mb": _gpu_peak(args.device),
+        "case": f"softprompt ({dtype})", "steps": len(timer.times), "step_ms": round(1000 * statistics.median(timer.times), 1),
+        "real_tok_s": round(timer.tokens / sum(timer.times), 1), "peak_rss_mb": round(rss.peak_mb), "peak_gpu_mb": _gpu_peak(args.device),
         "dtype": str(loaded.model.dtype).replace("torch.", ""),
     }
 
 
+class _StepTimer:
+    """`train.TrainHooks` for one process that only times steps: the same clock as `peft_usual`."""
+
+    rank, world_size, presharded = 0, 1, False
+
+    def __init__(self, device: str, warmup: int) -> None:
+        self.device, self.warmup = device, warmup
+        self.times: list[float] = []
+        self.tokens = 0
+        self.last = 0.0
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        pass
+
+    def on_step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        if step > self.warmup:
+            self.times.append(now - self.last)
+            self.tokens += tokens
+        self.last = now
+
+
+def _is_cuda(device: str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
 def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if _is_cuda(device):
+        torch.cuda.synchronize(device)
 
 
 def _gpu_peak(device: str) -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20) if _is_cuda(device) else None
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -193,7 +233,10 @@ def main() -> int:
     ap.add_argument("--virtual-tokens", type=int, default=20)
     ap.add_argument("--cases", default="peft-usual,ours", help="peft-usual, ours, ours-bf16 (CPU bf16 weights)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 1 warm-up + 3 steps of 8 rows, max length 64")
     args = ap.parse_args()
+    if args.quick:
+        args.warmup, args.steps, args.batch_size, args.max_length = 1, 3, 8, 64
     import tempfile
 
     from softprompt.config import ModelConfig
@@ -203,7 +246,8 @@ def main() -> int:
     rows = read_sst2(Path(args.data), n)
     header = {
         "machine": platform.processor() or platform.machine(), "cpus": torch.get_num_threads(), "torch": torch.__version__,
-        "device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "device": args.device, "gpu": torch.cuda.get_device_name(args.device) if _is_cuda(args.device) else None,
+        "warmup": args.warmup, "timing": "median synchronized step after warm-up, batch building included",
         "model": args.model, "batch_size": args.batch_size, "steps": args.steps, "max_length": args.max_length,
     }
     print(json.dumps(header), flush=True)

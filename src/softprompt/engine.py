@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,7 +42,19 @@ def make_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = "cpu", 
         ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
         mask[i, : len(s)] = 1
     lengths = torch.as_tensor([len(s) for s in seqs], dtype=torch.long)
-    return Batch(ids.to(device), mask.to(device), lengths.to(device))
+    return Batch(to_device(ids, device), to_device(mask, device), to_device(lengths, device))
+
+
+def to_device(t: torch.Tensor, device: Any) -> torch.Tensor:
+    """A CPU tensor copied to `device` without blocking the host (pinned first on CUDA).
+
+    A plain `.to(cuda)` of pageable memory waits for the GPU to finish its queued work; from
+    pinned memory the copy is queued like a kernel and the host goes on building the next batch.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass
@@ -57,6 +69,8 @@ class Prefix:
     mask: torch.Tensor | None = None
     cache: Any = None
     length: int = 0
+    repeated: dict[int, Any] = field(default_factory=dict, repr=False)
+    """`cache` repeated for a batch of B rows, by B: built once per batch size (see `_fresh_cache`)."""
 
     @classmethod
     def none(cls) -> Prefix:
@@ -77,8 +91,7 @@ def input_hidden(model: Any, prefix: Prefix, batch: Batch) -> torch.Tensor:
     device = emb.device
     if prefix.cache is not None:
         n = prefix.length
-        cache = copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(B)
+        cache = _fresh_cache(prefix, B)
         mask = torch.cat([torch.ones(B, n, dtype=batch.attention_mask.dtype, device=device), batch.attention_mask], 1)
         pos = (n + torch.arange(L, device=device)).unsqueeze(0).expand(B, L)
         out = body(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True, **_cache_kwarg(body, cache))
@@ -133,6 +146,58 @@ def _packed_hidden(body: Any, p: torch.Tensor, pmask: torch.Tensor, emb: torch.T
     return hidden
 
 
+def _fresh_cache(prefix: Prefix, B: int) -> Any:
+    """A cache holding the shared prefix for B rows that this batch's forward may extend.
+
+    A forward with `use_cache=True` extends the cache it is given: each `DynamicLayer.update` sets
+    `layer.keys = torch.cat([layer.keys, new])`, a new tensor, leaving the old one untouched. So a
+    shallow copy of the cache and its layers, pointing at tensors repeated once per batch size, is
+    as good as the deep copy it replaces, without copying `n x layers` keys and values per batch.
+    Caches without `layers` (transformers 4.x) still get the deep copy.
+    """
+    template = prefix.repeated.get(B)
+    if template is None:
+        template = copy.deepcopy(prefix.cache)
+        template.batch_repeat_interleave(B)
+        prefix.repeated[B] = template
+    if not isinstance(getattr(template, "layers", None), list):
+        return copy.deepcopy(template)
+    fresh = copy.copy(template)
+    fresh.layers = [copy.copy(layer) for layer in template.layers]
+    return fresh
+
+
+def _label_index(verbalizer: Verbalizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each label's columns, `[num_labels, most words]`, and which of them are real, built once per device.
+
+    For single-token label words the columns are token ids in the vocabulary; otherwise they are
+    indices into `verbalizer.candidates`.
+    """
+    key = (verbalizer.words, str(device))
+    hit = _LABEL_INDEX.get(key)
+    if hit is None:
+        if verbalizer.single_token:
+            cols = [[w[0] for w in ws] for ws in verbalizer.words]
+        else:
+            cands = verbalizer.candidates
+            cols = [[c for c, (lab, _) in enumerate(cands) if lab == label] for label in range(len(verbalizer.words))]
+        width = max(len(c) for c in cols)
+        ids = torch.as_tensor([c + [0] * (width - len(c)) for c in cols], dtype=torch.long)
+        real = torch.as_tensor([[True] * len(c) + [False] * (width - len(c)) for c in cols])
+        hit = _LABEL_INDEX[key] = (ids.to(device), real.to(device))
+    return hit
+
+
+_LABEL_INDEX: dict[tuple[Any, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def per_label_scores(scores: torch.Tensor, verbalizer: Verbalizer) -> torch.Tensor:
+    """`[B, num_labels]`: log-sum-exp over each label's columns of `scores` (`[B, columns]`)."""
+    ids, real = _label_index(verbalizer, scores.device)
+    picked = scores[:, ids].masked_fill(~real, float("-inf"))  # [B, num_labels, most words]
+    return torch.logsumexp(picked, -1)
+
+
 def _cache_kwarg(body: Any, cache: Any) -> dict[str, Any]:
     """The key/value cache as the model's forward takes it: `cache=` (transformers >= 5.2x) or
     `past_key_values=` (earlier 5.x and 4.x, e.g. the CUDA images' 5.17)."""
@@ -181,12 +246,7 @@ def label_scores(model: Any, prefix: Prefix, seqs: Sequence[Sequence[int]], verb
         batch = make_batch(seqs, pad_id, device)
         h = input_hidden(model, prefix, batch)
         last = h[torch.arange(B, device=device), batch.lengths - 1]  # [B, d]
-        logp = F.log_softmax(head(last).float(), -1)  # [B, V]
-        per_label = []
-        for ws in verbalizer.words:
-            ids = torch.as_tensor([w[0] for w in ws], device=device)
-            per_label.append(torch.logsumexp(logp[:, ids], -1))
-        return torch.stack(per_label, 1)
+        return per_label_scores(F.log_softmax(head(last).float(), -1), verbalizer)  # from [B, V]
     cands = verbalizer.candidates
     C = len(cands)
     rows = [list(s) + list(w) for s in seqs for _, w in cands]
@@ -197,21 +257,20 @@ def label_scores(model: Any, prefix: Prefix, seqs: Sequence[Sequence[int]], verb
         )
     batch = make_batch(rows, pad_id, device)
     h = input_hidden(model, prefix, batch)
-    starts = torch.as_tensor([len(s) - 1 for s in seqs for _ in cands], device=device)
-    width = max(len(w) for _, w in cands)
-    j = torch.arange(width, device=device)
-    word_len = torch.as_tensor([len(w) for _ in seqs for _, w in cands], device=device)
-    pos = (starts.unsqueeze(1) + j).clamp(max=h.shape[1] - 1)  # [B*C, width]
-    valid = j.unsqueeze(0) < word_len.unsqueeze(1)
-    hs = h[torch.arange(B * C, device=device).unsqueeze(1), pos][valid]  # [tokens, d]
-    targets = batch.input_ids[torch.arange(B * C, device=device).unsqueeze(1), (pos + 1).clamp(max=h.shape[1] - 1)][valid]
+    # The positions of every word token are known on the host: one index copy, and the LM head
+    # runs at those tokens only (a boolean mask on the device would make the host wait for it).
+    r: list[int] = []
+    c: list[int] = []
+    for i, s in enumerate(seqs):
+        for k, (_, w) in enumerate(cands):
+            r += [i * C + k] * len(w)
+            c += range(len(s) - 1, len(s) - 1 + len(w))
+    index = to_device(torch.as_tensor([r, c], dtype=torch.long), device)
+    hs = h[index[0], index[1]]  # [word tokens, d]
+    targets = batch.input_ids[index[0], index[1] + 1]
     tok_logp = F.log_softmax(head(hs).float(), -1).gather(1, targets.unsqueeze(1)).squeeze(1)
-    word_logp = torch.zeros(B * C, device=device).index_add(0, valid.nonzero()[:, 0], tok_logp).view(B, C)
-    out = torch.full((B, len(verbalizer.words)), float("-inf"), device=device)
-    for label in range(len(verbalizer.words)):
-        cols = [c for c, (lab, _) in enumerate(cands) if lab == label]
-        out[:, label] = torch.logsumexp(word_logp[:, cols], -1)
-    return out
+    word_logp = torch.zeros(B * C, device=device).index_add(0, index[0], tok_logp).view(B, C)
+    return per_label_scores(word_logp, verbalizer)
 
 
 def target_loss(model: Any, prefix: Prefix, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
@@ -227,8 +286,9 @@ def target_loss(model: Any, prefix: Prefix, inputs: Sequence[Sequence[int]], tar
             r.append(i)
             c.append(len(a) - 1 + k)
             t.append(b[k])
-    hs = h[torch.as_tensor(r, device=device), torch.as_tensor(c, device=device)]
-    return F.cross_entropy(head(hs).float(), torch.as_tensor(t, device=device))
+    index = to_device(torch.as_tensor([r, c, t], dtype=torch.long), device)  # one copy, not three
+    hs = h[index[0], index[1]]
+    return F.cross_entropy(head(hs).float(), index[2])
 
 
 def greedy_generate(
@@ -258,7 +318,7 @@ def greedy_generate(
     first_pos = torch.cat([torch.arange(n, device=device).unsqueeze(0).expand(B, n), n + torch.arange(L, device=device).unsqueeze(0).expand(B, L)], 1)
     first_mask = torch.cat([torch.ones(B, n, dtype=torch.long, device=device), batch.attention_mask], 1)
     first_emb = embed(batch.input_ids) if p is None else torch.cat([p, embed(batch.input_ids)], 1)
-    generated: list[list[int]] = [[] for _ in range(B)]
+    steps: list[torch.Tensor] = []  # each step's tokens, [B], kept on the device until the end
     done = torch.zeros(B, dtype=torch.bool, device=device)
     last_index = n + batch.lengths - 1
     with torch.no_grad():
@@ -268,13 +328,14 @@ def greedy_generate(
         seq_emb, seq_mask, seq_pos = first_emb, first_mask, first_pos
         for step in range(max_new_tokens):
             nxt = head(hidden).float().argmax(-1)  # [B]
-            for i in range(B):
-                if not done[i]:
-                    generated[i].append(int(nxt[i]))
+            steps.append(nxt)
+            if step == max_new_tokens - 1:
+                break
             if eos_id is not None:
                 done |= nxt == eos_id
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
+                # Stopping early needs the host to read `done`: once every 8 tokens, not per token.
+                if step % 8 == 7 and bool(done.all()):
+                    break
             new_emb = embed(nxt).unsqueeze(1)
             new_pos = (n + batch.lengths + step).unsqueeze(1)
             seq_mask = torch.cat([seq_mask, torch.ones(B, 1, dtype=torch.long, device=device)], 1)
@@ -287,6 +348,7 @@ def greedy_generate(
                 seq_pos = torch.cat([seq_pos, new_pos], 1)
                 out = body(inputs_embeds=seq_emb, attention_mask=seq_mask, position_ids=seq_pos, use_cache=False)
                 hidden = out.last_hidden_state[:, -1]
+    generated: list[list[int]] = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(B)]  # one read
     if eos_id is not None:
         generated = [g[: g.index(eos_id)] if eos_id in g else g for g in generated]
     return generated

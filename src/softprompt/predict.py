@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from softprompt.config import JobConfig, recorded_config
-from softprompt.engine import Prefix, body_and_head, greedy_generate, input_hidden, label_scores, make_batch
+from softprompt.engine import (
+    Prefix,
+    body_and_head,
+    greedy_generate,
+    input_hidden,
+    label_scores,
+    make_batch,
+    per_label_scores,
+    to_device,
+)
 from softprompt.errors import ConfigError, DataError, ModelError
 from softprompt.modeling import LoadedModel
 from softprompt.prompts import load_prompt_embeddings, read_adapter_config, resolve_prompt_dir
@@ -275,27 +284,56 @@ def _predict_batch(table: PromptTable, names: list[str], seqs: list[list[int]], 
         virtual = [(i, e) for i in cls_rows for e in prompts[i].all_embeds]
         batch = make_batch([seqs[i] for i, _ in virtual], tok.pad_token_id, table.loaded.device)
         h = input_hidden(model, gather_prompts([e for _, e in virtual]), batch)
-        last = h[torch.arange(len(virtual)), batch.lengths - 1]
+        last = h[torch.arange(len(virtual), device=h.device), batch.lengths - 1]
         _, head = body_and_head(model)
         logp = F.log_softmax(head(last).float(), -1)
         per_row: dict[int, list[np.ndarray]] = {}
-        for j, (i, _) in enumerate(virtual):
-            vb = prompts[i].verbalizer
+        # One gather and one copy to the host per task in the batch, not one per row.
+        for task_rows in _group([j for j in range(len(virtual))], key=lambda j: _words(prompts[virtual[j][0]])).values():
+            vb = prompts[virtual[task_rows[0]][0]].verbalizer
             assert vb is not None
-            s = torch.stack([torch.logsumexp(logp[j, [w[0] for w in ws]], -1) for ws in vb.words])
-            per_row.setdefault(i, []).append(s.double().cpu().numpy())
+            scores = per_label_scores(logp[to_device(torch.as_tensor(task_rows), logp.device)], vb).double().cpu().numpy()
+            for j, s in zip(task_rows, scores, strict=True):
+                per_row.setdefault(virtual[j][0], []).append(s)
         for i, member_scores in per_row.items():
             results[i] = _classified(prompts[i], texts[i], _mean_log_probs(member_scores))
-    for i, p in enumerate(prompts):
-        if results[i] is not None:
-            continue
-        if p.verbalizer is not None:  # multi-token label words: scored per row with teacher forcing
-            member_scores = [label_scores(model, Prefix(embeds=e), [seqs[i]], p.verbalizer, tok.pad_token_id)[0].double().cpu().numpy() for e in p.all_embeds]
-            results[i] = _classified(p, texts[i], _mean_log_probs(member_scores))
+    # The other rows, a batch per prompt: multi-token label words (teacher forcing) or generation.
+    # Rows of similar length go together, at most FORWARD_ROWS sequences a forward pass (a row of a
+    # multi-token task is one sequence per candidate word): one long row must not pad a whole batch.
+    rest = _group([i for i in range(len(prompts)) if results[i] is None], key=lambda i: names[i])
+    chunks = [chunk for idx in rest.values() for chunk in _by_length(idx, seqs, _rows_per_forward(prompts[idx[0]]))]
+    for idx in chunks:
+        p = prompts[idx[0]]
+        if p.verbalizer is not None:
+            members = [label_scores(model, Prefix(embeds=e), [seqs[i] for i in idx], p.verbalizer, tok.pad_token_id).double().cpu().numpy() for e in p.all_embeds]
+            for k, i in enumerate(idx):
+                results[i] = _classified(p, texts[i], _mean_log_probs([m[k] for m in members]))
         else:
-            out = greedy_generate(model, p.embeds, [seqs[i]], max_new_tokens=p.cfg.task.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-            results[i] = Prediction(p.name, texts[i], generated=tok.decode(out[0], skip_special_tokens=True))
+            outs = greedy_generate(model, p.embeds, [seqs[i] for i in idx], max_new_tokens=p.cfg.task.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+            for i, out in zip(idx, outs, strict=True):
+                results[i] = Prediction(p.name, texts[i], generated=tok.decode(out, skip_special_tokens=True))
     return [r for r in results if r is not None]
+
+
+FORWARD_ROWS = 32
+"""Sequences per forward pass for multi-token scoring and generation in `predict`."""
+
+
+def _rows_per_forward(p: TunedPrompt) -> int:
+    candidates = len(p.verbalizer.candidates) if p.verbalizer is not None else 1
+    return max(1, FORWARD_ROWS // candidates)
+
+
+def _by_length(idx: list[int], seqs: list[list[int]], size: int) -> list[list[int]]:
+    ordered = sorted(idx, key=lambda i: len(seqs[i]))
+    return [ordered[k : k + size] for k in range(0, len(ordered), size)]
+
+
+def _group(items: list[int], key: Any) -> dict[Any, list[int]]:
+    groups: dict[Any, list[int]] = {}
+    for i in items:
+        groups.setdefault(key(i), []).append(i)
+    return groups
 
 
 def _classified(p: TunedPrompt, text: str, scores: np.ndarray) -> Prediction:
@@ -344,3 +382,8 @@ def _base_model(folder: Path) -> dict[str, Any]:
         if isinstance(base, dict):
             return {"name": base.get("name"), "sha": base.get("weights_sha256")}
     return {"name": None, "sha": None}
+
+
+def _words(p: TunedPrompt) -> Any:
+    assert p.verbalizer is not None
+    return p.verbalizer.words

@@ -35,7 +35,7 @@ class SoftPrompt:
         self.peft_model = peft_model
         self.module = peft_model.prompt_encoder[peft_model.active_adapter]
         self.num_virtual_tokens = num_virtual_tokens
-        self._indices = torch.arange(num_virtual_tokens).unsqueeze(0)
+        self._indices = torch.arange(num_virtual_tokens).unsqueeze(0)  # moved to the prompt's device on first use
 
     def embeddings(self, module: Any | None = None) -> Any:
         """The virtual token embeddings, `[num_virtual_tokens, hidden]`, differentiable.
@@ -46,7 +46,9 @@ class SoftPrompt:
         """
         m = module if module is not None else self.module
         device = self.module.embedding.weight.device
-        return m(self._indices.to(device))[0]
+        if self._indices.device != device:  # once, not a host-to-device copy per micro-step
+            self._indices = self._indices.to(device)
+        return m(self._indices)[0]
 
     def parameters(self) -> list[Any]:
         """The trainable parameters."""
@@ -97,14 +99,19 @@ def initial_embeddings(cfg: PromptConfig, task: TaskConfig, model: Any, tokenize
     """The `[num_virtual_tokens, hidden]` starting point chosen by `cfg.init`."""
     import torch
 
-    table = model.get_input_embeddings().weight.detach().float().cpu()
+    weight = model.get_input_embeddings().weight.detach()
     n = cfg.num_virtual_tokens
+
+    def rows(ids: list[int]) -> Any:
+        # Index on the model's device, then copy the n rows: not the whole table in fp32.
+        return weight[torch.as_tensor(ids, device=weight.device)].float().cpu()
+
     if cfg.init == "pretrained":
         assert cfg.init_from is not None
         source = load_prompt_embeddings(resolve_prompt_dir(cfg.init_from)).float()
-        if source.shape[1] != table.shape[1]:
+        if source.shape[1] != weight.shape[1]:
             raise ModelError(
-                f"prompt.init_from={cfg.init_from!r} has width {source.shape[1]}, the model has {table.shape[1]}; "
+                f"prompt.init_from={cfg.init_from!r} has width {source.shape[1]}, the model has {weight.shape[1]}; "
                 "transfer works only between prompts of the same base model family"
             )
         reps = -(-n // source.shape[0])
@@ -112,9 +119,8 @@ def initial_embeddings(cfg: PromptConfig, task: TaskConfig, model: Any, tokenize
     if cfg.init == "vocab":
         # Lester et al.: sample from the most frequent tokens; BPE ids are roughly frequency-ordered.
         rng = random.Random(seed)
-        top = min(5000, table.shape[0])
-        ids = [rng.randrange(top) for _ in range(n)]
-        return table[ids].clone()
+        top = min(5000, weight.shape[0])
+        return rows([rng.randrange(top) for _ in range(n)])
     if cfg.init == "label_words":
         verbalizer = build_verbalizer(task, tokenizer)
         ids = [t for ws in verbalizer.words for w in ws for t in w]
@@ -125,7 +131,7 @@ def initial_embeddings(cfg: PromptConfig, task: TaskConfig, model: Any, tokenize
     if not ids:
         raise ModelError(f"prompt.init={cfg.init} produced no tokens; set prompt.init_text or use init: vocab")
     ids = (ids * (-(-n // len(ids))))[:n]
-    return torch.stack([table[i] for i in ids]).clone()
+    return rows(ids)
 
 
 def load_prompt_embeddings(adapter_dir: str | Path) -> Any:

@@ -13,6 +13,7 @@ checkpoints. With no hooks the loop runs alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from softprompt import prompts as prompts_mod
 from softprompt.batching import BatchPlan
 from softprompt.config import JobConfig
 from softprompt.dataset import Split
-from softprompt.engine import Prefix, label_scores, target_loss
+from softprompt.engine import Prefix, label_scores, target_loss, to_device
 from softprompt.metrics import classification_metrics
 from softprompt.modeling import LoadedModel
 from softprompt.scoring import score_split, shared_prefix
@@ -163,31 +164,41 @@ def run(
         torch.cuda.reset_peak_memory_stats(device)
     on_step = getattr(hooks, "on_step", None)
     gather = getattr(hooks, "gather", None) if world > 1 else None
+    no_sync = getattr(module, "no_sync", None)  # DDP: all-reduce only on the last micro-step
+    loss_sum = 0.0
     while state["step"] < tc.steps and not stopped_early:
         step = state["step"]
         step_t0, step_tokens = time.perf_counter(), tokens
         optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
+        # The loss stays on the device; the host reads it once per step, and only when something
+        # shows it (a hook, the progress bar, the history or an eval): reading it per micro-step
+        # would make the host wait for every backward before queueing the next forward.
+        loss_total = torch.zeros((), device=device)
         for micro in range(tc.grad_accum):
             idx = plan.batch(step * tc.grad_accum + micro)
-            embeds = prompt.embeddings(module)
-            loss = _loss(model, Prefix(embeds=embeds), train, idx, verbalizer, pad_id) / tc.grad_accum
-            loss.backward()
-            loss_sum += float(loss.detach())
+            last_micro = micro == tc.grad_accum - 1
+            with no_sync() if no_sync is not None and not last_micro else contextlib.nullcontext():
+                embeds = prompt.embeddings(module)
+                loss = _loss(model, Prefix(embeds=embeds), train, idx, verbalizer, pad_id) / tc.grad_accum
+                loss.backward()
+            loss_total += loss.detach()
             tokens += sum(train.lengths[i] for i in idx) + prompt.num_virtual_tokens * len(idx)
         if tc.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
         optimizer.step()
         scheduler.step()
         state["step"] = step = step + 1
+        do_eval = eval_rows is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps)
+        logged = step % tc.log_every == 0 or step == tc.steps
+        if on_step is not None or bar is not None or logged or do_eval:
+            loss_sum = float(loss_total)
         if on_step is not None:
             on_step(step, loss_sum, tokens - step_tokens, time.perf_counter() - step_t0)
-        if step % tc.log_every == 0 or step == tc.steps:
+        if logged:
             state["history"].append({"step": step, "train_loss": round(loss_sum, 6), "lr": scheduler.get_last_lr()[0]})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}")
-        do_eval = eval_rows is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps)
         if do_eval:
             assert eval_rows is not None
             metrics = evaluate_embeddings(cfg, loaded, prompt.embeddings().detach(), eval_rows, verbalizer, gather=gather, rank=rank, world=world)
@@ -295,7 +306,7 @@ def _loss(model: Any, prefix: Prefix, data: Split, idx: list[int], verbalizer: V
     if verbalizer is None:
         return target_loss(model, prefix, seqs, [data.target_ids[i] for i in idx], pad_id)
     scores = label_scores(model, prefix, seqs, verbalizer, pad_id)
-    target = torch.as_tensor([data.label_ids[i] for i in idx], device=scores.device)
+    target = to_device(torch.as_tensor([data.label_ids[i] for i in idx]), scores.device)
     return F.cross_entropy(scores, target)
 
 
