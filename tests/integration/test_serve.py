@@ -6,6 +6,7 @@ generation task) share the model; answers must equal `predict_rows` on the same 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from softprompt.cli import build_parser
 from softprompt.config import ModelConfig, config_from_dict, to_dict
 from softprompt.errors import ConfigError
 from softprompt.modeling import load_model
+from softprompt.registry import compute_version
 from softprompt.testing import build_tiny_model
 
 TASKS: dict[str, tuple[dict[str, Any], int]] = {  # name: (task section, prompt length)
@@ -65,7 +67,14 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         manifest = {"config": to_dict(cfg), "base_model": {"name": "tiny", "weights_sha256": "ab" * 32}}
         (folder / "run_manifest.json").write_text(json.dumps(manifest))
         out[name] = folder
-    (out["intent"] / "MANIFEST.json").write_text(json.dumps({"version": "0123456789abcdef"}))  # as a pulled registry version
+    # As a pulled registry version: a manifest whose files hash to its id (predict verifies it).
+    files = [{"name": f.name, "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size}
+             for f in sorted(out["intent"].iterdir())]
+    version = compute_version([(f["name"], f["sha256"]) for f in files])
+    (out["intent"] / "MANIFEST.json").write_text(json.dumps({
+        "format": "softprompt.registry.version/1", "task": "intent", "base_model": {"key": "tiny", "name": "tiny"},
+        "version": version, "files": files, "metric": {"name": "accuracy", "value": 0.5}, "eval_fingerprint": "e",
+    }))
     return out
 
 
@@ -99,7 +108,7 @@ def same(got: list[dict[str, Any]], want: list[predict.Prediction]) -> None:
             assert list(g["scores"].values()) == pytest.approx(list(w.scores.values()), abs=1e-5)
 
 
-def test_health_and_prompts(server: serve.PromptServer, table: predict.PromptTable) -> None:
+def test_health_and_prompts(server: serve.PromptServer, table: predict.PromptTable, artifacts: dict[str, Path]) -> None:
     assert server.url.startswith("http://127.0.0.1:")
     status, health = call(f"{server.url}/healthz")
     assert status == 200 and health["ok"] is True and health["model"] == "tiny" and health["device"] == "cpu"
@@ -109,7 +118,7 @@ def test_health_and_prompts(server: serve.PromptServer, table: predict.PromptTab
     assert status == 200
     by_name = {p["name"]: p for p in body["prompts"]}
     assert [p["name"] for p in body["prompts"]] == ["echo", "intent", "urgency"]
-    assert by_name["intent"]["labels"] == ["billing", "delivery", "account"] and by_name["intent"]["version"] == "0123456789abcdef"
+    assert by_name["intent"]["labels"] == ["billing", "delivery", "account"] and by_name["intent"]["version"] == json.loads((artifacts["intent"] / "MANIFEST.json").read_text())["version"]
     assert by_name["intent"]["artifact"] == "s3://bucket/registry/intent/tiny/champion"
     assert by_name["echo"]["kind"] == "generation" and by_name["echo"]["labels"] is None and by_name["echo"]["version"] is None
     assert [by_name[n]["num_virtual_tokens"] for n in ("intent", "urgency", "echo")] == [4, 9, 2]
