@@ -182,9 +182,12 @@ def _label_index(verbalizer: Verbalizer, device: torch.device) -> tuple[torch.Te
             cands = verbalizer.candidates
             cols = [[c for c, (lab, _) in enumerate(cands) if lab == label] for label in range(len(verbalizer.words))]
         width = max(len(c) for c in cols)
-        ids = torch.as_tensor([c + [0] * (width - len(c)) for c in cols], dtype=torch.long)
-        real = torch.as_tensor([[True] * len(c) + [False] * (width - len(c)) for c in cols])
-        hit = _LABEL_INDEX[key] = (ids.to(device), real.to(device))
+        # Built outside inference mode even when first asked for during evaluation: the cached
+        # tensors are reused by training steps, where autograd must be able to save them.
+        with torch.inference_mode(False):
+            ids = torch.as_tensor([c + [0] * (width - len(c)) for c in cols], dtype=torch.long).to(device)
+            real = torch.as_tensor([[True] * len(c) + [False] * (width - len(c)) for c in cols]).to(device)
+        hit = _LABEL_INDEX[key] = (ids, real)
     return hit
 
 

@@ -140,3 +140,18 @@ def test_ddp_all_reduces_only_on_the_last_micro_step(tiny: LoadedModel, tmp_path
     cfg = syn_cfg(steps=2, eval_every=0, grad_accum=3, batch_size=4)
     train.run(cfg, tiny, synthetic(tiny.tokenizer, 16), None, tmp_path, hooks=hooks)
     assert hooks.wrapped.unsynced == 2 * (3 - 1)  # 2 steps x the first 2 of 3 micro-steps
+
+
+def test_label_index_built_during_evaluation_still_serves_training() -> None:
+    """The per-device label index is cached; built first under inference mode (an evaluation), it
+    must still be usable where autograd saves it (the next training step)."""
+    from softprompt.engine import _LABEL_INDEX, per_label_scores
+    from softprompt.tasks import Verbalizer
+
+    verbalizer = Verbalizer(labels=("a", "b"), words=(((5,), (6,)), ((7,),)))
+    _LABEL_INDEX.clear()
+    with torch.inference_mode():
+        per_label_scores(torch.randn(2, 10), verbalizer)
+    scores = torch.randn(2, 10, requires_grad=True)
+    per_label_scores(scores, verbalizer).sum().backward()
+    assert scores.grad is not None and scores.grad.abs().sum() > 0
