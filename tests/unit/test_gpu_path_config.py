@@ -167,21 +167,27 @@ class _RecordingModels(job.Models):
         return SimpleNamespace(model=None)
 
 
-def test_ray_train_trainer_loads_the_model_after_fit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _record_init_and_export(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
+    """Ray start-up and the winners' adapter export, recorded in `events` instead of run."""
     from softprompt.ray import trainers
-
-    events: list[str] = []
-    cfg = _cfg()
-    fit = SimpleNamespace(name="run", checkpoint_uri="ckpt", summary=lambda: {"steps": 1})
-    monkeypatch.setattr(trainers.cluster, "init_ray", lambda *a, **k: events.append("init") or "ray")
-    monkeypatch.setattr(trainers.ray_train, "fit", lambda *a, **k: events.append("fit") or fit)
 
     def export(cfg: JobConfig, loaded: Any, uri: str, out: Path) -> Path:
         events.append("export")
         (out / "adapter").mkdir(parents=True)
         return out / "adapter"
 
+    monkeypatch.setattr(trainers.cluster, "init_ray", lambda *a, **k: events.append("init") or "ray")
     monkeypatch.setattr(trainers.ray_train, "export_adapter", export)
+
+
+def test_ray_train_trainer_loads_the_model_after_fit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from softprompt.ray import trainers
+
+    events: list[str] = []
+    cfg = _cfg()
+    fit = SimpleNamespace(name="run", checkpoint_uri="ckpt", summary=lambda: {"steps": 1})
+    _record_init_and_export(monkeypatch, events)
+    monkeypatch.setattr(trainers.ray_train, "fit", lambda *a, **k: events.append("fit") or fit)
     trainers.RayTrainTrainer(echo=lambda line: None).train(cfg, tmp_path / "data", tmp_path, _RecordingModels(cfg, events))
     assert events == ["init", "fit", "load", "export"]
 
@@ -193,15 +199,8 @@ def test_ray_tune_trainer_loads_the_model_after_the_sweep(monkeypatch: pytest.Mo
     cfg = _cfg()
     trial = SimpleNamespace(checkpoint_uri="ckpt", params={}, steps=1, best_metric=0.5, workers=[])
     sweep = SimpleNamespace(table=lambda: "", winners=lambda: [trial], best=trial, summary=lambda: {})
-    monkeypatch.setattr(trainers.cluster, "init_ray", lambda *a, **k: events.append("init") or "ray")
+    _record_init_and_export(monkeypatch, events)
     monkeypatch.setattr(trainers.tune, "run", lambda *a, **k: events.append("sweep") or sweep)
-
-    def export(cfg: JobConfig, loaded: Any, uri: str, out: Path) -> Path:
-        events.append("export")
-        (out / "adapter").mkdir(parents=True)
-        return out / "adapter"
-
-    monkeypatch.setattr(trainers.ray_train, "export_adapter", export)
     trainers.RayTuneTrainer(echo=lambda line: None).train(cfg, tmp_path / "data", tmp_path, _RecordingModels(cfg, events))
     assert events == ["init", "sweep", "load", "export"]
 
