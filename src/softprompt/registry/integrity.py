@@ -152,8 +152,8 @@ def metrics_problem(manifest: dict[str, Any], metrics_json: bytes) -> str | None
         name = manifest["metric"]["name"]
         expected = {
             "metric.value": float(metrics["tuned"][name]),
-            "metrics": _numbers(metrics["tuned"]),
-            "baselines": {k: _numbers(metrics[k]) for k in ("zero_shot", "few_shot") if k in metrics},
+            "metrics": metric_numbers(metrics["tuned"]),
+            "baselines": {k: metric_numbers(metrics[k]) for k in ("zero_shot", "few_shot") if k in metrics},
             "eval_fingerprint": metrics["eval_fingerprint"],
         }
         recorded = {
@@ -164,6 +164,12 @@ def metrics_problem(manifest: dict[str, Any], metrics_json: bytes) -> str | None
         return f"metrics.json cannot be compared with it ({type(e).__name__}: {e})"
     wrong = [key for key in expected if recorded[key] != expected[key]]
     return f"its {', '.join(wrong)} differ from metrics.json's" if wrong else None
+
+
+def metric_numbers(block: Any) -> dict[str, float]:
+    """The numeric fields of a metrics block, as publish copies them into the manifest (and verify compares)."""
+    items = block.items() if isinstance(block, dict) else []
+    return {k: float(v) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def stored_damage(
@@ -219,12 +225,6 @@ def inside(root: Path, name: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def _numbers(block: Any) -> dict[str, float]:
-    """The numeric fields of a metrics block, as publish copies them into the manifest."""
-    items = block.items() if isinstance(block, dict) else []
-    return {k: float(v) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _manifest_problem(manifest: Any) -> str | None:

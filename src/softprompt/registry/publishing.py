@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.errors import ConflictError, IntegrityError, StoreError
-from softprompt.registry.integrity import MANIFEST, MANIFEST_FORMAT, compute_version, repair_command
+from softprompt.registry.integrity import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    compute_version,
+    metric_numbers,
+    repair_command,
+)
 from softprompt.registry.store import ArtifactStore, NotFoundError, sha256_file
 from softprompt.registry.versions import load_manifest, slug
 
@@ -190,10 +196,6 @@ def version_manifest(run: RunFolder) -> dict[str, Any]:
     """The MANIFEST.json a run folder publishes (its files, metrics and identity; now as created_at)."""
     from softprompt import __version__
 
-    def numbers(block: Any) -> dict[str, float]:
-        items = block.items() if isinstance(block, dict) else []
-        return {k: float(v) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
     return {
         "format": MANIFEST_FORMAT,
         "task": run.task,
@@ -206,8 +208,8 @@ def version_manifest(run: RunFolder) -> dict[str, Any]:
         "version": run.version,
         "files": run.files,
         "metric": {"name": run.metric_name, "value": run.metric_value, "split": run.metrics.get("split")},
-        "metrics": numbers(run.metrics["tuned"]),
-        "baselines": {k: numbers(run.metrics.get(k)) for k in ("zero_shot", "few_shot") if k in run.metrics},
+        "metrics": metric_numbers(run.metrics["tuned"]),
+        "baselines": {k: metric_numbers(run.metrics.get(k)) for k in ("zero_shot", "few_shot") if k in run.metrics},
         "eval_fingerprint": run.eval_fingerprint,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "softprompt_version": __version__,
