@@ -35,16 +35,14 @@ def ensure_s3_credentials(api_client: Any = None) -> None:
     if os.environ.get("AWS_ACCESS_KEY_ID") or not os.environ.get("KUBERNETES_SERVICE_HOST"):
         return
     try:
-        import base64
-
-        from kubernetes import client, config
-
         if api_client is None:
+            from kubernetes import config
+
             config.load_incluster_config()
-        secret = client.CoreV1Api(api_client).read_namespaced_secret(S3_SECRET, pod_namespace())
+        values = read_secret(S3_SECRET, api_client)
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-            if (secret.data or {}).get(key):
-                os.environ[key] = base64.b64decode(secret.data[key]).decode()
+            if values.get(key):
+                os.environ[key] = values[key]
     except Exception as exc:  # any failure leaves the default AWS credential chain in charge
         print(f"warning: could not read Secret {S3_SECRET} ({exc}); using the default AWS credential chain", file=sys.stderr)
 
@@ -81,22 +79,32 @@ def ray_auth_headers(api_client: Any = None, *, echo: Callable[[str], None] = pr
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _secret_token(api_client: Any, echo: Callable[[str], None]) -> str:
+def read_secret(name: str, api_client: Any = None) -> dict[str, str]:
+    """The decoded values of Secret `name` in this pod's namespace.
+
+    Args:
+        api_client: A kubernetes ApiClient; default: the configuration already loaded.
+    """
     import base64
 
-    from kubernetes import client as k8s
+    from kubernetes import client
+
+    secret = client.CoreV1Api(api_client).read_namespaced_secret(name, pod_namespace())
+    return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items() if value}
+
+
+def _secret_token(api_client: Any, echo: Callable[[str], None]) -> str:
     from kubernetes.client.exceptions import ApiException
 
     namespace = pod_namespace()
     try:
-        secret = k8s.CoreV1Api(api_client or in_cluster_client()).read_namespaced_secret(RAY_AUTH_SECRET, namespace)
+        values = read_secret(RAY_AUTH_SECRET, api_client or in_cluster_client())
     except Exception as exc:  # no API access: a cluster without authentication still works
         why = f"HTTP {exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
         echo(f"warning: no Ray token: could not read Secret {namespace}/{RAY_AUTH_SECRET} ({why}); "
              "a cluster with token authentication will refuse the job (infra/README.md, section 2)")
         return ""
-    value = (secret.data or {}).get(RAY_AUTH_SECRET_KEY)
-    return base64.b64decode(value).decode().strip() if value else ""
+    return values.get(RAY_AUTH_SECRET_KEY, "").strip()
 
 
 def in_cluster_client() -> Any:
