@@ -180,12 +180,23 @@ def _pick_dtype(choice: str, device: Any) -> Any:
         # A GPU without native bf16 (T4, V100: torch's default check counts slow emulation) gets
         # float32, not float16: training here has no loss scaling, so float16 activations would
         # flush the prompt's small gradients to zero.
-        if device.type == "cuda":
-            with torch.cuda.device(device) if device.index is not None else contextlib.nullcontext():
-                if torch.cuda.is_bf16_supported(including_emulation=False):
-                    return torch.bfloat16
+        if device.type == "cuda" and _native_bf16(device):
+            return torch.bfloat16
         return torch.float32
+    if choice == "bfloat16" and device.type == "cuda" and not _native_bf16(device):
+        raise ModelError(
+            f"model.dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no native bfloat16 (it would be emulated, "
+            "several times slower); use model.dtype=auto (float32 on this GPU) or float32"
+        )
     return getattr(torch, choice)
+
+
+def _native_bf16(device: Any) -> bool:
+    """Whether the CUDA `device` computes in bfloat16 natively (Ampere and newer; not T4, V100)."""
+    import torch
+
+    with torch.cuda.device(device) if device.index is not None else contextlib.nullcontext():
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def _prepare_tokenizer(tok: Any) -> Any:
@@ -286,10 +297,14 @@ def _sync_s3_prefix(uri: str, cache: Path, s3: S3Config) -> Path:
     keys = store.list("")
     if not keys:
         raise ModelError(f"no objects under {uri}; upload a Hugging Face model folder there")
-    for key in keys:
-        dest = out / key
-        if not dest.is_file():
-            store.get_file(key, dest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Workers on one node share the cache: one downloads while the others wait, then find the files
+    # there (each file is written atomically, so a reader never sees half of one).
+    with _locked(out.with_name(out.name + ".lock")):
+        for key in keys:
+            dest = out / key
+            if not dest.is_file():
+                store.get_file(key, dest)
     if not (out / "config.json").is_file():
         raise ModelError(f"{uri} holds no config.json; it must be a Hugging Face model folder")
     return out

@@ -18,7 +18,7 @@ import torch
 
 from softprompt import job, modeling
 from softprompt.config import JobConfig, config_from_dict, recorded_config, to_dict
-from softprompt.errors import ConfigError
+from softprompt.errors import ConfigError, ModelError
 from softprompt.outcome import TrainOutcome
 
 TASK = {"labels": ["neg", "pos"], "verbalizer": {"neg": [" no"], "pos": [" yes"]}}
@@ -89,6 +89,17 @@ def test_auto_dtype_on_cpu_is_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     assert modeling._pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
 
 
+def test_explicit_bfloat16_on_a_gpu_without_it_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fakes a T4 (`torch.cuda.is_bf16_supported` says yes only with emulation): an explicit
+    `model.dtype=bfloat16` would run emulated, several times slower; refused with the fix."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    with pytest.raises(ModelError, match=r"model.dtype=bfloat16 but Tesla T4 has no native bfloat16.*model.dtype=auto"):
+        modeling._pick_dtype("bfloat16", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert modeling._pick_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
+
+
 # --- 5b. torch threads of a Ray Train worker -----------------------------------------------------
 
 
@@ -141,6 +152,52 @@ def test_two_processes_converting_one_gguf_build_it_once(tmp_path: Path) -> None
     assert got[0] == got[1] and got[0][1] == "weights"
     assert log.read_text() == "build\n"
     assert sorted(p.name for p in (cache / "models").iterdir()) == sorted([Path(got[0][0]).name, Path(got[0][0]).name + ".lock"])
+
+
+class _SlowStore:
+    """A local folder store whose downloads are slow and logged (an S3 prefix, as far as the sync knows)."""
+
+    def __init__(self, root: Path, log: Path) -> None:
+        from softprompt.registry.store import LocalStore
+
+        self.inner, self.log = LocalStore(root), log
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self.inner.list(prefix)
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        with self.log.open("a") as f:
+            f.write(f"{key}\n")
+        time.sleep(0.3)  # a second worker arriving now must wait, not load a half-synced folder
+        return self.inner.get_file(key, dest)
+
+
+def _sync(root: Path, cache: Path, log: Path, barrier: Any, results: Any) -> None:
+    from softprompt.config import S3Config
+    from softprompt.registry import store
+
+    store.open_store = lambda uri, **kw: _SlowStore(root, log)  # type: ignore[assignment]
+    barrier.wait()
+    out = modeling._sync_s3_prefix("s3://models/tiny", cache, S3Config())
+    results.put(sorted(p.name for p in out.iterdir()))
+
+
+def test_two_workers_syncing_one_s3_model_download_it_once(tmp_path: Path) -> None:
+    """Two processes (forked) sync one cold `s3://` model prefix into a shared cache at once."""
+    root, cache, log = tmp_path / "bucket", tmp_path / "cache", tmp_path / "downloads.log"
+    root.mkdir()
+    (root / "config.json").write_text("{}")
+    (root / "model.safetensors").write_bytes(b"weights")
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_sync, args=(root, cache, log, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert [results.get(timeout=5) for _ in procs] == [["config.json", "model.safetensors"]] * 2
+    assert sorted(log.read_text().split()) == ["config.json", "model.safetensors"]
 
 
 def test_a_crashed_conversion_leaves_nothing_in_the_way(tmp_path: Path) -> None:
