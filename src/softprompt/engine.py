@@ -30,6 +30,9 @@ class Batch:
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor  # [B, L]
     lengths: torch.Tensor  # [B]
+    sizes: tuple[int, ...] = ()
+    """The same lengths on the host (known when the batch was built), so that shapes derived from
+    them never read the device; empty when unknown."""
 
 
 def make_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = "cpu", multiple: int = 1) -> Batch:
@@ -41,8 +44,9 @@ def make_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = "cpu", 
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
         mask[i, : len(s)] = 1
-    lengths = torch.as_tensor([len(s) for s in seqs], dtype=torch.long)
-    return Batch(to_device(ids, device), to_device(mask, device), to_device(lengths, device))
+    sizes = tuple(len(s) for s in seqs)
+    lengths = torch.as_tensor(sizes, dtype=torch.long)
+    return Batch(to_device(ids, device), to_device(mask, device), to_device(lengths, device), sizes)
 
 
 def to_device(t: torch.Tensor, device: Any) -> torch.Tensor:
@@ -67,6 +71,9 @@ class Prefix:
 
     embeds: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    sizes: tuple[int, ...] = ()
+    """With `mask`: each row's prefix length on the host (what `mask` marks), so that packing needs
+    no device read; empty when unknown."""
     cache: Any = None
     length: int = 0
     repeated: dict[int, Any] = field(default_factory=dict, repr=False)
@@ -106,8 +113,8 @@ def input_hidden(model: Any, prefix: Prefix, batch: Batch) -> torch.Tensor:
     if p.dim() == 2:
         p = p.unsqueeze(0).expand(B, -1, -1)
     n = p.shape[1]
-    if prefix.mask is not None and not bool(prefix.mask.all()):
-        return _packed_hidden(body, p, prefix.mask.to(device), emb, batch)
+    if prefix.mask is not None and not (min(prefix.sizes) == n if prefix.sizes else bool(prefix.mask.all())):
+        return _packed_hidden(body, p, prefix.mask.to(device), emb, batch, prefix.sizes)
     pmask = torch.ones(B, n, dtype=batch.attention_mask.dtype, device=device)
     pos = torch.arange(n + L, device=device).unsqueeze(0).expand(B, n + L)  # inputs start right after the prompt
     out = body(
@@ -120,7 +127,9 @@ def input_hidden(model: Any, prefix: Prefix, batch: Batch) -> torch.Tensor:
     return hidden
 
 
-def _packed_hidden(body: Any, p: torch.Tensor, pmask: torch.Tensor, emb: torch.Tensor, batch: Batch) -> torch.Tensor:
+def _packed_hidden(
+    body: Any, p: torch.Tensor, pmask: torch.Tensor, emb: torch.Tensor, batch: Batch, sizes: tuple[int, ...] = ()
+) -> torch.Tensor:
     """Rows with prompts of different lengths, packed: `[prompt_b, input_b, pad...]`.
 
     Padding each prompt to the longest one in the batch would add up to `n_max - n_b` masked
@@ -130,7 +139,10 @@ def _packed_hidden(body: Any, p: torch.Tensor, pmask: torch.Tensor, emb: torch.T
     B, L = batch.input_ids.shape
     device = emb.device
     n_b = pmask.long().sum(1)  # [B]
-    width = int((n_b + batch.lengths).max())
+    if sizes and batch.sizes:  # known on the host: no device read
+        width = max(n + length for n, length in zip(sizes, batch.sizes, strict=True))
+    else:
+        width = int((n_b + batch.lengths).max())
     x = emb.new_zeros(B, p.shape[1] + L, emb.shape[-1])
     rows = torch.arange(B, device=device).unsqueeze(1)
     prompt_cols = torch.arange(p.shape[1], device=device).unsqueeze(0).expand(B, -1)
@@ -257,6 +269,7 @@ def label_scores(model: Any, prefix: Prefix, seqs: Sequence[Sequence[int]], verb
         prefix = Prefix(
             embeds=prefix.embeds.repeat_interleave(C, 0),
             mask=None if prefix.mask is None else prefix.mask.repeat_interleave(C, 0),
+            sizes=tuple(n for n in prefix.sizes for _ in range(C)),
         )
     batch = make_batch(rows, pad_id, device)
     h = input_hidden(model, prefix, batch)

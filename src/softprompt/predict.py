@@ -113,14 +113,14 @@ class PromptTable:
 
 def gather_prompts(rows: Sequence[torch.Tensor]) -> Prefix:
     """Stack per-row prompts of any lengths, left-aligned, with a mask marking each row's real tokens."""
-    n_max = max(r.shape[0] for r in rows)
-    d = rows[0].shape[1]
+    sizes = tuple(int(r.shape[0]) for r in rows)
+    n_max, d = max(sizes), rows[0].shape[1]
     embeds = torch.zeros(len(rows), n_max, d, dtype=rows[0].dtype, device=rows[0].device)
-    mask = torch.zeros(len(rows), n_max, dtype=torch.long, device=rows[0].device)
+    mask = torch.zeros(len(rows), n_max, dtype=torch.long)  # built on the host, copied once
     for i, r in enumerate(rows):
         embeds[i, : r.shape[0]] = r
         mask[i, : r.shape[0]] = 1
-    return Prefix(embeds=embeds, mask=mask)
+    return Prefix(embeds=embeds, mask=to_device(mask, rows[0].device), sizes=sizes)
 
 
 def predict_rows(table: PromptTable, rows: Sequence[tuple[str, str]], batch_size: int = 32) -> list[Prediction]:

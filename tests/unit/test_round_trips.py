@@ -23,6 +23,7 @@ from test_train import syn_cfg, synthetic  # tests/unit is on sys.path (rootdir-
 from softprompt import train
 from softprompt.engine import Prefix, cache_prefix, greedy_generate, label_scores
 from softprompt.modeling import LoadedModel
+from softprompt.predict import gather_prompts
 from softprompt.tasks import build_verbalizer, encode_input
 
 _READS = ("item", "tolist", "cpu", "numpy", "nonzero", "__float__", "__int__", "__bool__", "__index__")
@@ -82,6 +83,23 @@ def test_label_scores_read_nothing(reads: list[str], demo_cfg: Any, tiny: Loaded
     with torch.inference_mode():
         label_scores(tiny.model, Prefix.none(), seqs, vb, tiny.tokenizer.pad_token_id)
     assert reads == []
+
+
+def test_mixed_prompt_scores_read_nothing_and_match_one_prompt_at_a_time(reads: list[str], demo_cfg: Any, tiny: LoadedModel) -> None:
+    """Rows of prompts of different lengths in one batch (serving's mixed batches): packing takes
+    the prompt and input lengths from the host, so scoring reads nothing from the device, and each
+    row scores what it scores with its own prompt alone."""
+    cfg = demo_cfg()
+    vb = build_verbalizer(cfg.task, tiny.tokenizer)
+    d = tiny.model.get_input_embeddings().weight.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    long, short = torch.randn(6, d, generator=gen) * 0.02, torch.randn(3, d, generator=gen) * 0.02
+    seqs = [encode_input(tiny.tokenizer, cfg.task.template, t) for t in ["my parcel is late", "refund please", "hi"]]
+    with torch.inference_mode():
+        mixed = label_scores(tiny.model, gather_prompts([long, short, long]), seqs, vb, tiny.tokenizer.pad_token_id)
+        assert reads == []
+        alone = [label_scores(tiny.model, Prefix(embeds=e), [s], vb, tiny.tokenizer.pad_token_id) for e, s in zip([long, short, long], seqs, strict=True)]
+    torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-4, rtol=1e-4)
 
 
 def test_a_cached_prefix_is_reused_without_copies_and_scores_the_same(demo_cfg: Any, tiny_ctx: LoadedModel) -> None:
