@@ -62,6 +62,13 @@ class Trainer(Protocol):
         return that outcome."""
         ...
 
+    def evaluate(
+        self, cfg: JobConfig, models: Models, data: str | Path, outcome: TrainOutcome, artifact_dir: Path, *, progress: bool = False
+    ) -> EvaluateResult:
+        """`softprompt.evaluate.run` on `outcome`, wherever this trainer runs the work after training
+        (the Ray trainers: on a worker when the driver should not hold the model)."""
+        ...
+
 
 @dataclass(frozen=True)
 class JobResult:
@@ -108,7 +115,7 @@ def run(
     echo(outcome.line())
     what = f"the winner (and the top-{len(outcome.winners)} ensemble)" if len(outcome.winners) > 1 else "the tuned prompt"
     echo(f"[3/4] evaluate {what} vs zero-shot and few-shot baselines")
-    result = evaluate.run(cfg, models.get(), data.output_dir, outcome, folder / "artifact", progress=progress)
+    result = trainer.evaluate(cfg, models, data.output_dir, outcome, folder / "artifact", progress=progress)
     echo(result.table())
     echo(result.verdict)
     echo(f"report: {result.artifact_dir / 'report.html'}")
@@ -147,3 +154,9 @@ class InProcessTrainer:
         outcome = TrainOutcome("in-process", out, (result.adapter_dir,), cfg, result.history, result.summary())
         outcome.write()
         return outcome
+
+    def evaluate(
+        self, cfg: JobConfig, models: Models, data: str | Path, outcome: TrainOutcome, artifact_dir: Path, *, progress: bool = False
+    ) -> EvaluateResult:
+        """`softprompt.evaluate.run` in this process."""
+        return evaluate.run(cfg, models.get(), data, outcome, artifact_dir, progress=progress)

@@ -143,3 +143,36 @@ def test_the_local_ray_asks_for_a_token_and_says_how_to_sign_in(ray_session: dic
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {secret}"})
     with urllib.request.urlopen(request, timeout=30) as ok:
         assert ok.status == 200
+
+
+def test_the_work_after_training_on_a_worker_equals_the_drivers(s3_run: dict[str, Any], tiny_task: TinyTask, tmp_path: Path) -> None:
+    """`finish.ModelHost`, an actor on a worker of the local Ray, exports the run's checkpoint from S3
+    and evaluates it (what a cluster's head pod must not do): the same adapter bytes and the same
+    metrics as the driver's own export and evaluation."""
+    from softprompt import evaluate
+    from softprompt.outcome import TrainOutcome
+    from softprompt.ray.finish import ModelHost, pack
+
+    cfg, uri = s3_run["cfg"], s3_run["result"].checkpoint_uri
+    results = {}
+    host = ModelHost(cfg)
+    try:
+        for where in ("driver", "worker"):
+            train_dir = tmp_path / where / "train"
+            if where == "driver":
+                adapter = distributed.export_adapter(cfg, load_model(cfg.model), uri, train_dir)
+            else:
+                adapter = host.export(cfg, uri, train_dir)
+            outcome = TrainOutcome("ray-train", train_dir, (adapter,), cfg)
+            outcome.write()
+            if where == "driver":
+                results[where] = evaluate.run(cfg, load_model(cfg.model), tiny_task.data_dir, outcome, tmp_path / where / "artifact")
+            else:
+                results[where] = host.evaluate(cfg, tiny_task.data_dir, outcome, tmp_path / where / "artifact")
+    finally:
+        host.close()
+    driver, worker = results["driver"], results["worker"]
+    assert pack(tmp_path / "worker" / "train" / "adapter") == pack(tmp_path / "driver" / "train" / "adapter")
+    assert worker.artifact_dir == tmp_path / "worker" / "artifact"
+    assert worker.results == driver.results and worker.verdict == driver.verdict
+    assert sorted(pack(worker.artifact_dir)) == sorted(pack(driver.artifact_dir))

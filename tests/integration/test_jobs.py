@@ -137,6 +137,7 @@ def test_run_submitted_as_a_ray_job_and_a_retry_reattaches(
     out = capsys.readouterr().out
     assert "submitted Ray job softprompt-run-job-" in out
     assert "[2/4] tune (1 trial, 1 Ray Train workers each)" in out  # the job's log, streamed
+    assert "on a Ray worker (1 CPUs) to export and evaluate the winners" in out  # not on the head
     assert "SUCCEEDED" in out.splitlines()[-1]
     metrics = json.loads((tmp_path / "runs" / "job" / "artifact" / "metrics.json").read_text())
     assert metrics["split"] == "eval" and metrics["tuned"]["accuracy"] == pytest.approx(0.8)

@@ -270,7 +270,7 @@ def test_the_job_loads_the_model_only_after_training(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(job.evaluate, "run", lambda *a, **k: events.append("evaluate") or SimpleNamespace(
         table=lambda: "", verdict="", artifact_dir=tmp_path / "artifact"))
 
-    class FitOnly:
+    class FitOnly(job.InProcessTrainer):
         def describe(self, cfg: JobConfig) -> str:
             return "fake"
 
@@ -280,6 +280,51 @@ def test_the_job_loads_the_model_only_after_training(monkeypatch: pytest.MonkeyP
 
     job.run(cfg, tmp_path, FitOnly(), publish_artifact=False)
     assert events == ["fit", "load", "evaluate"]
+
+
+class _RecordingHost:
+    """Stands in for `finish.ModelHost` (the actor on a worker), recording what is asked of it."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    def export(self, cfg: JobConfig, uri: str, folder: Path) -> Path:
+        self.events.append("worker export")
+        (folder / "adapter").mkdir(parents=True)
+        return folder / "adapter"
+
+    def evaluate(self, cfg: JobConfig, data: Any, outcome: Any, artifact_dir: Path) -> Any:
+        self.events.append("worker evaluate")
+        return "result"
+
+    def close(self) -> None:
+        self.events.append("close")
+
+
+@pytest.mark.parametrize(("address", "ray_cfg", "where"), [
+    ("auto", {}, "worker"),  # a joined cluster: the head pod has no GPU and reserves no CPU
+    (None, {"use_gpu": True, "num_workers": 1}, "worker"),  # a local GPU belongs to the workers
+    (None, {}, "driver"),  # a laptop's local Ray without GPUs: no shipping
+])
+def test_the_work_after_training_runs_on_a_worker_on_clusters_and_gpus(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, address: str | None, ray_cfg: dict[str, Any], where: str
+) -> None:
+    from softprompt.ray import trainers
+
+    events: list[str] = []
+    cfg = _cfg(ray=ray_cfg)
+    fit = SimpleNamespace(name="run", checkpoint_uri="ckpt", summary=lambda: {"steps": 1})
+    _record_init_and_export(monkeypatch, events)
+    monkeypatch.setattr(trainers.ray_train, "fit", lambda *a, **k: events.append("fit") or fit)
+    monkeypatch.setattr(trainers.finish, "ModelHost", lambda cfg: _RecordingHost(events))
+    monkeypatch.setattr(trainers.evaluate, "run", lambda *a, **k: events.append("evaluate") or "result")
+    trainer = trainers.RayTrainTrainer(address, echo=lambda line: None)
+    outcome = trainer.train(cfg, tmp_path / "data", tmp_path, _RecordingModels(cfg, events))
+    assert trainer.evaluate(cfg, _RecordingModels(cfg, events), tmp_path / "data", outcome, tmp_path / "artifact") == "result"
+    if where == "worker":
+        assert events == ["init", "fit", "worker export", "worker evaluate", "close"]  # the driver never loads it
+    else:
+        assert events == ["init", "fit", "load", "export", "load", "evaluate"]
 
 
 def _gpu_sweep(**tune: Any) -> JobConfig:

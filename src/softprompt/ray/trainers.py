@@ -4,9 +4,10 @@
     job.run(cfg, run_dir, RayTuneTrainer(address))     # tune.num_samples trials, each a Train run
 
 Both connect to Ray first (a local Ray this command starts, or the cluster at `address`), train,
-and only then load the base model on the driver, to turn the winners' checkpoints into adapter
-files in `<run_dir>/train`; that folder's `train_result.json` is the same contract the in-process
-trainer writes.
+and only then load the base model, to turn the winners' checkpoints into adapter files in
+`<run_dir>/train` and to evaluate them: in the driver on a local Ray without GPUs, else on a worker
+(`softprompt.ray.finish`: a cluster's head has no GPU, and a local GPU is the workers'). That
+folder's `train_result.json` is the same contract the in-process trainer writes.
 """
 
 from __future__ import annotations
@@ -18,18 +19,56 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from softprompt import checkpoint
+from softprompt import checkpoint, evaluate
 from softprompt.config import JobConfig, with_values
 from softprompt.errors import SoftpromptError
+from softprompt.evaluate import EvaluateResult
 from softprompt.job import Models
 from softprompt.outcome import TrainOutcome
-from softprompt.ray import cluster, tune
+from softprompt.ray import cluster, finish, tune
 from softprompt.ray import train as ray_train
 
 WINNERS_DIR = "winners"
 
 
-class RayTrainTrainer:
+class _AfterTraining:
+    """The work after training, shared by both trainers: in the driver (`models`), or on a worker
+    (`finish.ModelHost`, started on first use and kept for the evaluation)."""
+
+    address: str | None
+    echo: Callable[[str], None]
+    _host: finish.ModelHost | None = None
+
+    def _on_worker(self, cfg: JobConfig) -> bool:
+        return finish.on_worker(cfg, joins_cluster(self.address, cfg))
+
+    def _export(self, cfg: JobConfig, models: Models, uri: str, folder: Path) -> Path:
+        if not self._on_worker(cfg):
+            return ray_train.export_adapter(cfg, models.get(), uri, folder)
+        if self._host is None:
+            self._host = self._start_host(cfg)
+        return self._host.export(cfg, uri, folder)
+
+    def _start_host(self, cfg: JobConfig) -> finish.ModelHost:
+        gpu = " and a GPU" if cfg.ray.use_gpu else ""
+        self.echo(f"loading {cfg.model.name} on a Ray worker ({cfg.ray.cpus_per_worker:g} CPUs{gpu}) to export and evaluate the winners")
+        return finish.ModelHost(cfg)
+
+    def evaluate(
+        self, cfg: JobConfig, models: Models, data: str | Path, outcome: TrainOutcome, artifact_dir: Path, *, progress: bool = False
+    ) -> EvaluateResult:
+        """`softprompt.evaluate.run`: in the driver on a local Ray without GPUs, else on a worker."""
+        if self._host is None and not self._on_worker(cfg):
+            return evaluate.run(cfg, models.get(), data, outcome, artifact_dir, progress=progress)
+        host = self._host or self._start_host(cfg)
+        try:
+            return host.evaluate(cfg, data, outcome, artifact_dir)
+        finally:
+            host.close()
+            self._host = None
+
+
+class RayTrainTrainer(_AfterTraining):
     """Training on `ray.num_workers` Ray Train workers (DDP), checkpointed to Ray's storage."""
 
     def __init__(self, address: str | None = None, *, echo: Callable[[str], None] = print) -> None:
@@ -46,13 +85,13 @@ class RayTrainTrainer:
         if fit.checkpoint_uri is None:
             raise SoftpromptError(f"the Ray Train run {fit.name} reported no checkpoint; is there an eval split in {data}?")
         out = Path(run_dir) / "train"
-        adapter = ray_train.export_adapter(cfg, models.get(), fit.checkpoint_uri, out)
+        adapter = self._export(cfg, models, fit.checkpoint_uri, out)
         outcome = TrainOutcome("ray-train", out, (adapter,), cfg, _history(adapter.parent), fit.summary())
         outcome.write()
         return outcome
 
 
-class RayTuneTrainer:
+class RayTuneTrainer(_AfterTraining):
     """A Ray Tune sweep over `tune.search_space`; its top `tune.top_k_ensemble` trials are the winners."""
 
     def __init__(self, address: str | None = None, *, echo: Callable[[str], None] = print, progress: bool = True) -> None:
@@ -74,7 +113,7 @@ class RayTuneTrainer:
         for rank, trial in enumerate(sweep.winners()):
             assert trial.checkpoint_uri is not None  # winners() keeps trials with a checkpoint only
             folder = out / WINNERS_DIR / f"{rank:02d}"
-            adapters.append(ray_train.export_adapter(with_values(cfg, trial.params), models.get(), trial.checkpoint_uri, folder))
+            adapters.append(self._export(with_values(cfg, trial.params), models, trial.checkpoint_uri, folder))
             shutil.rmtree(folder / checkpoint.CHECKPOINT_DIR, ignore_errors=True)  # Ray's storage keeps the checkpoints
         best = sweep.best
         summary: dict[str, Any] = {"steps": best.steps, "best_eval_metric": best.best_metric, "workers": best.workers,
