@@ -136,19 +136,24 @@ def _convert(gguf: Path, cache: Path, log: Path, barrier: Any, results: Any) -> 
     results.put((str(out), (out / "model.safetensors").read_bytes().decode()))
 
 
-def test_two_processes_converting_one_gguf_build_it_once(tmp_path: Path) -> None:
-    """Two processes (forked, so they share the fake conversion) ask for a cold cache entry at once."""
-    gguf, cache, log = tmp_path / "tiny.gguf", tmp_path / "cache", tmp_path / "builds.log"
-    gguf.write_bytes(b"GGUF not really")
+def _race(target: Any, *args: Any) -> list[Any]:
+    """Run `target(*args, barrier, results)` in two forked processes released at once; what each put."""
     ctx = multiprocessing.get_context("fork")
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_convert, args=(gguf, cache, log, barrier, results)) for _ in range(2)]
+    procs = [ctx.Process(target=target, args=(*args, barrier, results)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(30)
     assert [p.exitcode for p in procs] == [0, 0]
-    got = [results.get(timeout=5) for _ in procs]
+    return [results.get(timeout=5) for _ in procs]
+
+
+def test_two_processes_converting_one_gguf_build_it_once(tmp_path: Path) -> None:
+    """Two processes (forked, so they share the fake conversion) ask for a cold cache entry at once."""
+    gguf, cache, log = tmp_path / "tiny.gguf", tmp_path / "cache", tmp_path / "builds.log"
+    gguf.write_bytes(b"GGUF not really")
+    got = _race(_convert, gguf, cache, log)
     assert got[0] == got[1] and got[0][1] == "weights"
     assert log.read_text() == "build\n"
     assert sorted(p.name for p in (cache / "models").iterdir()) == sorted([Path(got[0][0]).name, Path(got[0][0]).name + ".lock"])
@@ -188,15 +193,7 @@ def test_two_workers_syncing_one_s3_model_download_it_once(tmp_path: Path) -> No
     root.mkdir()
     (root / "config.json").write_text("{}")
     (root / "model.safetensors").write_bytes(b"weights")
-    ctx = multiprocessing.get_context("fork")
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_sync, args=(root, cache, log, barrier, results)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(30)
-    assert [p.exitcode for p in procs] == [0, 0]
-    assert [results.get(timeout=5) for _ in procs] == [["config.json", "model.safetensors"]] * 2
+    assert _race(_sync, root, cache, log) == [["config.json", "model.safetensors"]] * 2
     assert sorted(log.read_text().split()) == ["config.json", "model.safetensors"]
 
 
