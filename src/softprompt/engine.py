@@ -11,9 +11,10 @@ Shapes: B batch, L input length (right-padded), n prefix length, d hidden, V voc
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,45 @@ class Prefix:
     def none(cls) -> Prefix:
         """No prefix (zero-shot)."""
         return cls()
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The transformer blocks of a causal LM (`model.model.layers` for Llama-style models)."""
+    body, _ = body_and_head(model)
+    layers = getattr(body, "layers", None) or getattr(body, "h", None)
+    if layers is None:
+        raise TypeError(f"cannot find the decoder layers of {type(model).__name__} (no `layers` or `h` on {type(body).__name__})")
+    return list(layers)
+
+
+@contextlib.contextmanager
+def recomputed_layers(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Activation checkpointing per decoder layer while the block runs (training's forward and
+    backward): each layer keeps only its input and recomputes the rest in the backward pass, so
+    activation memory no longer grows with the number of layers, for about one more forward.
+
+    Non-reentrant (torch's composable `checkpoint`), so the gradient still reaches the input
+    embeddings, which is the only path a soft prompt's gradient has through a frozen model. The
+    hooks are installed once per layer and switched on only inside this block: evaluation and
+    prediction on the same model pay nothing. The model is in eval mode (no dropout), so no RNG
+    state is stashed for the recomputation.
+    """
+    if not enabled:
+        yield
+        return
+    from torch.distributed._composable import checkpoint
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        if not getattr(layer, "_softprompt_checkpointed", False):
+            checkpoint(layer, preserve_rng_state=False)
+            layer._softprompt_checkpointed = True  # type: ignore[assignment]
+        checkpoint.state(layer).enable_hook = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            checkpoint.state(layer).enable_hook = False
 
 
 def body_and_head(model: Any) -> tuple[Any, Any]:
