@@ -114,9 +114,16 @@ def load_model(cfg: ModelConfig, *, device: str | None = None, s3: S3Config | No
     model_dir, identity = resolve_model_dir(cfg, s3)
     dev = torch.device(device or _pick_device(cfg.device))
     dtype = _pick_dtype(cfg.dtype, dev)
+    if model_dir.is_dir() and not any(model_dir.glob("*.safetensors")) and any(model_dir.glob("*.bin")):
+        # A pickled checkpoint runs code when it is unpickled; safetensors holds tensors only.
+        raise ModelError(
+            f"{model_dir} holds only pickled .bin weights; softprompt loads safetensors only. Convert once with "
+            "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)` "
+            "in a trusted environment, or use the model's safetensors release"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype, attn_implementation=cfg.attn_implementation
+            str(model_dir), dtype=dtype, attn_implementation=cfg.attn_implementation, use_safetensors=model_dir.is_dir() or None
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {cfg.name!r} from {model_dir}: {exc}") from exc

@@ -362,3 +362,19 @@ def test_joins_cluster_follows_init_rays_address_rule(monkeypatch: pytest.Monkey
     assert joins_cluster(None, _cfg(ray={"address": "head:6379"}))
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
     assert joins_cluster(None, _cfg())
+
+
+def test_pickled_weights_are_refused_with_the_conversion(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A model folder with only a pickled `pytorch_model.bin` (unpickling runs code) is refused."""
+    import shutil
+
+    from softprompt.config import ModelConfig
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    torch.save({"lm_head.weight": torch.zeros(1)}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match=r"holds only pickled .bin weights; softprompt loads safetensors only. Convert once"):
+        modeling.load_model(ModelConfig(name=str(folder), device="cpu"))
+    assert modeling.load_model(ModelConfig(name=str(tiny_model_dir), device="cpu")).identity["weights_sha256"]
