@@ -37,6 +37,7 @@ from softprompt.engine import Prefix, label_scores, target_loss, to_device
 from softprompt.metrics import classification_metrics
 from softprompt.modeling import LoadedModel
 from softprompt.scoring import score_split, shared_prefix
+from softprompt.sharding import Call, unsharded
 from softprompt.tasks import Verbalizer, build_verbalizer
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,18 @@ class TrainHooks(Protocol):
         """Optional: every rank's `obj`, in rank order, on every rank (`all_gather_object`). With
         it, each rank scores its share of the eval rows and all ranks reduce the same metrics;
         without it every rank scores all of them."""
+        ...
+
+    def shard(self, model: torch.nn.Module) -> Call:
+        """Optional: shard the frozen model over the ranks (after the prompt was built from its
+        embeddings) and return how to run code on it (`softprompt.sharding`); `wrap` then leaves
+        the prompt alone and `sync_gradients` averages its gradient. Without it every rank holds
+        the whole model."""
+        ...
+
+    def sync_gradients(self, params: list[torch.Tensor]) -> None:
+        """Optional: average the prompt's gradients over the ranks before the optimizer step
+        (needed when `wrap` does not, as under `shard`)."""
         ...
 
 
@@ -133,6 +146,8 @@ def run(
     device = loaded.device
     _seed_everything(tc.seed)
     prompt = prompts_mod.create(cfg.prompt, task, model, tok, seed=tc.seed)
+    shard = getattr(hooks, "shard", None)
+    call: Call = shard(model) if shard is not None else unsharded(model)  # the prompt is built: shard the rest
     module: torch.nn.Module = hooks.wrap(prompt.module) if hooks else prompt.module
     verbalizer = build_verbalizer(task, tok) if task.kind == "classification" else None
     params = prompt.parameters()
@@ -179,10 +194,13 @@ def run(
             last_micro = micro == tc.grad_accum - 1
             with no_sync() if no_sync is not None and not last_micro else contextlib.nullcontext():
                 embeds = prompt.embeddings(module)
-                loss = _loss(model, Prefix(embeds=embeds), train, idx, verbalizer, pad_id) / tc.grad_accum
+                loss = call(_loss, Prefix(embeds=embeds), train, idx, verbalizer, pad_id) / tc.grad_accum
                 loss.backward()
             loss_total += loss.detach()
             tokens += sum(train.lengths[i] for i in idx) + prompt.num_virtual_tokens * len(idx)
+        sync = getattr(hooks, "sync_gradients", None)
+        if sync is not None:
+            sync(params)
         if tc.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
         optimizer.step()
@@ -201,7 +219,7 @@ def run(
             bar.set_postfix(loss=f"{loss_sum:.4f}")
         if do_eval:
             assert eval_rows is not None
-            metrics = evaluate_embeddings(cfg, loaded, prompt.embeddings().detach(), eval_rows, verbalizer, gather=gather, rank=rank, world=world)
+            metrics = evaluate_embeddings(cfg, loaded, prompt.embeddings().detach(), eval_rows, verbalizer, gather=gather, rank=rank, world=world, call=call)
             value = metrics[cfg.evaluate.primary_metric]
             record = {"step": step, "eval_metric": value, **{f"eval_{k}": v for k, v in metrics.items()}}
             _merge_history(state["history"], record)
@@ -261,25 +279,53 @@ def evaluate_embeddings(
     gather: Callable[[Any], list[Any]] | None = None,
     rank: int = 0,
     world: int = 1,
+    call: Call | None = None,
 ) -> dict[str, float]:
     """Quick metrics of a prompt on `rows` (accuracy and macro-F1, or negative loss for generation).
 
     With `gather` (see `TrainHooks.gather`) this rank scores rows `rank, rank + world, ...` only
     and the per-row results of all ranks are put back in row order before the metrics, so every
     rank returns the same numbers as one process scoring all rows, in 1/world of the time.
+
+    With `call` (a sharded model, `softprompt.sharding`) the model runs inside it, and every rank
+    runs as many batches as the largest share needs (a rank with one batch fewer scores one row
+    again and drops it), since each forward gathers weights collectively.
     """
-    model, tok = loaded.model, loaded.tokenizer
+    tok = loaded.tokenizer
+    run = call if call is not None else unsharded(loaded.model)
     mine = list(range(rank, len(rows), world)) if gather is not None else list(range(len(rows)))
+    bs = cfg.evaluate.batch_size
+    extra = 0
+    if call is not None and gather is not None:
+        largest = math.ceil(len(rows) / world)
+        extra = math.ceil(largest / bs) - math.ceil(len(mine) / bs)
+    spare = [rows.input_ids[mine[0] if mine else 0]]  # what a padding batch scores
     if verbalizer is None:
         losses: list[float] = []
-        with torch.inference_mode():
-            for s in range(0, len(mine), cfg.evaluate.batch_size):
-                idx = mine[s : s + cfg.evaluate.batch_size]
-                losses.append(float(target_loss(model, Prefix(embeds=embeds), [rows.input_ids[i] for i in idx], [rows.target_ids[i] for i in idx], tok.pad_token_id)) * len(idx))
+
+        def losses_of(model: Any) -> None:
+            with torch.inference_mode():
+                for s in range(0, len(mine), bs):
+                    idx = mine[s : s + bs]
+                    loss = target_loss(model, Prefix(embeds=embeds), [rows.input_ids[i] for i in idx], [rows.target_ids[i] for i in idx], tok.pad_token_id)
+                    losses.append(float(loss) * len(idx))
+                for _ in range(extra):
+                    target_loss(model, Prefix(embeds=embeds), spare, [rows.target_ids[mine[0] if mine else 0]], tok.pad_token_id)
+
+        run(losses_of)
         total = sum(sum(part) for part in gather(losses)) if gather is not None else sum(losses)
         loss = total / max(1, len(rows))
         return {"accuracy": -loss, "macro_f1": -loss, "loss": loss}
-    scores = score_split(model, shared_prefix(model, embeds), [rows.input_ids[i] for i in mine], verbalizer, tok.pad_token_id, cfg.evaluate.batch_size)
+    assert verbalizer is not None
+
+    def scores_of(model: Any) -> np.ndarray:
+        prefix = shared_prefix(model, embeds)
+        out = score_split(model, prefix, [rows.input_ids[i] for i in mine], verbalizer, tok.pad_token_id, bs)
+        for _ in range(extra):
+            score_split(model, prefix, spare, verbalizer, tok.pad_token_id, bs)
+        return out
+
+    scores = run(scores_of)
     predicted = scores.argmax(1).tolist()
     if gather is not None:
         parts, predicted = gather(predicted), [0] * len(rows)

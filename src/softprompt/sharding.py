@@ -1,0 +1,142 @@
+"""The frozen base sharded over the workers (FSDP2), the soft prompt replicated beside it.
+
+    call = shard_model(model, mesh=None)            # every decoder layer and the root: fully_shard
+    loss = call(fn, *args)                          # runs fn(model, *args) inside the root's forward
+    all_reduce_gradients(prompt_params)             # the prompt's gradient, averaged over every rank
+
+With `fully_shard` each rank keeps 1/N of every frozen weight (1/N of a node's devices under
+hsdp's 2-D mesh: sharded within a node, replicated across nodes) and gathers a layer's weights
+only while that layer runs. The root unit holds the input embeddings, the final norm and the LM
+head, which are tied in many models, so they must be used inside the root's forward: outside it
+they are sharded DTensors ("mixed torch.Tensor and DTensor"). `shard_model` therefore wraps the
+model in a root module whose forward runs any function of the model (`fn(model, *args)`): the
+engine's code runs unchanged, inside the sharded forward.
+
+The soft prompt is not part of the model: it stays a plain fp32 tensor on every rank, and since
+FSDP reduces only the gradients of the parameters it shards (none here: all are frozen), its
+gradient is all-reduced by `all_reduce_gradients`, over every rank (both mesh dimensions).
+
+Every rank must run the same number of root forwards (each gathers weights collectively):
+training does by construction; evaluation pads each rank's share of the rows to the same count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from softprompt.engine import decoder_layers
+
+Call = Callable[..., Any]
+"""`call(fn, *args)`: `fn(model, *args)`, run where the model's weights are usable."""
+
+
+def unsharded(model: Any) -> Call:
+    """The `Call` of a model that is not sharded."""
+
+    def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(model, *args, **kwargs)
+
+    return call
+
+
+class _Root(torch.nn.Module):
+    """The root FSDP unit: the whole model, whose forward runs a function of it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.model, *args, **kwargs)
+
+
+def shard_model(
+    model: torch.nn.Module, *, mesh: Any = None, reshard_after_forward: bool = True, offload: bool = False
+) -> Call:
+    """Shard every frozen weight of `model` over `mesh` (None: every rank of the default process
+    group) with FSDP2, in place; returns the `Call` that runs code inside the sharded forward.
+
+    Args:
+        model: The frozen causal LM, fully loaded on this rank's device.
+        mesh: A 1-D device mesh (fsdp) or a 2-D one, replicate x shard (hsdp).
+        reshard_after_forward: Free a layer's gathered weights after its forward (and gather them
+            again for the backward): less memory for one more all-gather per layer.
+        offload: Keep the shards in host memory, copied to the device layer by layer.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
+    root = _Root(model)
+    fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
+    return root
+
+
+def all_reduce_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Average the gradients of replicated (unsharded) parameters over every rank, in one call."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def local_parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights this rank holds (a DTensor's local shard, else the whole tensor)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+class ShardedHooks:
+    """`softprompt.train.TrainHooks` for ranks of a `torch.distributed` process group (torchrun, or a
+    Ray Train worker group) training with the frozen base sharded (`shard_model`).
+
+    Every rank holds all training rows and takes its slice of each global batch (`presharded`
+    False), unless the runner hands each rank its own rows.
+    """
+
+    def __init__(self, *, mesh: Any = None, presharded: bool = False, reshard_after_forward: bool = True, offload: bool = False) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.presharded, self.mesh = presharded, mesh
+        self.reshard_after_forward, self.offload = reshard_after_forward, offload
+        self.reports: list[dict[str, Any]] = []
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The prompt stays as it is: its gradient is averaged by `sync_gradients`."""
+        return module
+
+    def shard(self, model: torch.nn.Module) -> Call:
+        """`shard_model` over this group (or `mesh`)."""
+        return shard_model(model, mesh=self.mesh, reshard_after_forward=self.reshard_after_forward, offload=self.offload)
+
+    def sync_gradients(self, params: list[torch.Tensor]) -> None:
+        """`all_reduce_gradients`."""
+        all_reduce_gradients(params)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order."""
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Any) -> None:
+        """Keeps the metrics (`reports`); checkpoints stay where rank 0 wrote them."""
+        self.reports.append(metrics)

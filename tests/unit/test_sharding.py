@@ -1,0 +1,72 @@
+"""FSDP2 on CPU with gloo: the frozen base sharded over 2 processes trains the same prompt as 1
+process at the same global batch, each rank holding about half of the frozen weights."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_train import syn_cfg, synthetic  # tests/unit is on sys.path (rootdir-relative imports)
+
+from softprompt import train
+from softprompt.config import ModelConfig
+from softprompt.modeling import load_model
+from softprompt.prompts import load_prompt_embeddings
+
+STEPS = dict(steps=3, batch_size=8, eval_every=3, log_every=1, warmup_steps=1, grad_accum=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any) -> None:
+    import torch.distributed as dist
+
+    from softprompt.sharding import ShardedHooks, local_parameter_bytes
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loaded = load_model(ModelConfig(name=model_dir, device="cpu"))
+        full = local_parameter_bytes(loaded.model)
+        data = synthetic(loaded.tokenizer, 32)
+        hooks = ShardedHooks()
+        result = train.run(syn_cfg(**STEPS), loaded, data, data, Path(out) / f"rank{rank}", resume=False, hooks=hooks)
+        queue.put((rank, full, local_parameter_bytes(loaded.model), result.best_metric, [r.get("train_loss") for r in result.history]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_with_the_base_sharded_train_the_one_process_prompt(tiny_model_dir: Path, tmp_path: Path) -> None:
+    loaded = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    data = synthetic(loaded.tokenizer, 32)
+    alone = train.run(syn_cfg(**STEPS), loaded, data, data, tmp_path / "alone", resume=False)
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tiny_model_dir), str(tmp_path), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    got = sorted(queue.get(timeout=5) for _ in procs)
+    for _, full, local, best, _ in got:
+        assert 0.4 * full < local < 0.65 * full, (local, full)  # about half of every frozen weight
+        assert best == pytest.approx(alone.best_metric)  # the sharded evaluation agrees too
+    # Each rank's loss is its half of the global batch: their mean is the one process's loss.
+    mean = [(a + b) / 2 for a, b in zip(got[0][4], got[1][4], strict=True)]
+    assert mean == pytest.approx([h.get("train_loss") for h in alone.history], rel=1e-4)
+    sharded = load_prompt_embeddings(tmp_path / "rank0" / "adapter")
+    torch.testing.assert_close(sharded, load_prompt_embeddings(alone.adapter_dir), rtol=1e-4, atol=1e-5)
