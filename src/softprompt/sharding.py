@@ -76,6 +76,24 @@ def shard_model(
     return root
 
 
+def device_mesh(strategy: str, *, gpus_per_node: int, device_type: str = "cpu") -> Any:
+    """The mesh of a strategy over every rank: 1-D for fsdp, 2-D for hsdp (replicate across the
+    nodes x shard within a node of `gpus_per_node` ranks).
+
+    Raises:
+        ValueError: hsdp over a world that is not a whole number of nodes.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if strategy == "fsdp":
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    if world % gpus_per_node:
+        raise ValueError(f"hsdp needs whole nodes: {world} ranks are not a multiple of {gpus_per_node} per node")
+    return init_device_mesh(device_type, (world // gpus_per_node, gpus_per_node), mesh_dim_names=("replicate", "shard"))
+
+
 def all_reduce_gradients(params: Iterable[torch.Tensor]) -> None:
     """Average the gradients of replicated (unsharded) parameters over every rank, in one call."""
     import torch.distributed as dist

@@ -27,10 +27,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any) -> None:
+def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any, per_node: int) -> None:
     import torch.distributed as dist
 
-    from softprompt.sharding import ShardedHooks, local_parameter_bytes
+    from softprompt.sharding import ShardedHooks, device_mesh, local_parameter_bytes
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -39,7 +39,7 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any
         loaded = load_model(ModelConfig(name=model_dir, device="cpu"))
         full = local_parameter_bytes(loaded.model)
         data = synthetic(loaded.tokenizer, 32)
-        hooks = ShardedHooks()
+        hooks = ShardedHooks(mesh=device_mesh("hsdp" if per_node < world else "fsdp", gpus_per_node=per_node))
         result = train.run(syn_cfg(**STEPS), loaded, data, data, Path(out) / f"rank{rank}", resume=False, hooks=hooks)
         queue.put((rank, full, local_parameter_bytes(loaded.model), result.best_metric, [r.get("train_loss") for r in result.history]))
     finally:
@@ -47,7 +47,10 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any
 
 
 @pytest.mark.slow
-def test_two_ranks_with_the_base_sharded_train_the_one_process_prompt(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("world", "per_node"), [(2, 2), (4, 2)], ids=["fsdp-2", "hsdp-2x2"])
+def test_ranks_with_the_base_sharded_train_the_one_process_prompt(tiny_model_dir: Path, tmp_path: Path, world: int, per_node: int) -> None:
+    """fsdp over 2 ranks, and hsdp on a 2x2 mesh (2 "nodes" of 2, sharded within a node, replicated
+    across): the same prompt, losses and eval metric as one process at the same global batch."""
     loaded = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
     data = synthetic(loaded.tokenizer, 32)
     alone = train.run(syn_cfg(**STEPS), loaded, data, data, tmp_path / "alone", resume=False)
@@ -55,18 +58,18 @@ def test_two_ranks_with_the_base_sharded_train_the_one_process_prompt(tiny_model
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tiny_model_dir), str(tmp_path), queue)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, world, port, str(tiny_model_dir), str(tmp_path), queue, per_node)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(240)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert [p.exitcode for p in procs] == [0] * world
     got = sorted(queue.get(timeout=5) for _ in procs)
     for _, full, local, best, _ in got:
         assert 0.4 * full < local < 0.65 * full, (local, full)  # about half of every frozen weight
         assert best == pytest.approx(alone.best_metric)  # the sharded evaluation agrees too
-    # Each rank's loss is its half of the global batch: their mean is the one process's loss.
-    mean = [(a + b) / 2 for a, b in zip(got[0][4], got[1][4], strict=True)]
+    # Each rank's loss is its share of the global batch: their mean is the one process's loss.
+    mean = [sum(step) / world for step in zip(*(g[4] for g in got), strict=True)]
     assert mean == pytest.approx([h.get("train_loss") for h in alone.history], rel=1e-4)
     sharded = load_prompt_embeddings(tmp_path / "rank0" / "adapter")
     torch.testing.assert_close(sharded, load_prompt_embeddings(alone.adapter_dir), rtol=1e-4, atol=1e-5)
