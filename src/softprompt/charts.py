@@ -23,10 +23,15 @@ class BarSeries:
     """CSS colour of the bars and the legend swatch, e.g. "#2563eb"."""
     values: Sequence[float]
     """One value per group, as a share in [0, 1]; values outside are clamped to it."""
+    intervals: Sequence[tuple[float, float] | None] = ()
+    """Optional (low, high) interval per group, drawn as a whisker on the bar; empty or None: none."""
 
 
 def bar_chart(groups: Sequence[str], series: Sequence[BarSeries], label: str) -> str:
     """Draws grouped bars: one group per entry of `groups`, one bar per series, y from 0 to 100%.
+
+    The y axis always starts at 0, so bar heights compare honestly; a series' intervals are drawn
+    as whiskers (the caller's caption says what they are).
 
     Args:
         groups: Group titles, shown under each group, in order.
@@ -53,6 +58,15 @@ def bar_chart(groups: Sequence[str], series: Sequence[BarSeries], label: str) ->
                 "</title></rect>"
                 f'<text x="{x + bar_w / 2:.1f}" y="{y - 4:.1f}" class="val">{100 * value:.1f}</text>'
             )
+            interval = bars.intervals[g] if g < len(bars.intervals) else None
+            if interval is not None:
+                lo, hi = (top + plot_h - min(max(v, 0.0), 1.0) * plot_h for v in interval)
+                mid = x + bar_w / 2
+                parts.append(
+                    f'<path d="M{mid:.1f} {lo:.1f}V{hi:.1f}M{mid - 5:.1f} {lo:.1f}h10M{mid - 5:.1f} {hi:.1f}h10" '
+                    f'stroke="#111827" stroke-width="1.2" fill="none"><title>{escape(bars.name)} {escape(title)}: '
+                    f"95% interval {percent(interval[0])}-{percent(interval[1])}</title></path>"
+                )
         parts.append(
             f'<text x="{left + (g + 0.5) * group_w:.1f}" y="{top + plot_h + 18}" class="axis-title">'
             f"{escape(title)}</text>"
@@ -116,13 +130,15 @@ def heatmap(confusion: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
     return _svg(width, height, "Confusion matrix", parts)
 
 
-def line_chart(points: Sequence[tuple[float, float]], title: str, color: str) -> str:
+def line_chart(points: Sequence[tuple[float, float]], title: str, color: str, *, y_from_zero: bool = False) -> str:
     """Draws a line through (step, value) points, with min/max-scaled axes and a title.
 
     Args:
         points: (step, value) pairs sorted by step; at least one, all finite.
         title: Shown above the plot and used as the chart's accessible name.
         color: CSS colour of the line and its markers.
+        y_from_zero: Start the y axis at 0 (for non-negative series), so the curve's rise is not
+            exaggerated; otherwise the axis spans the values and the title says it is zoomed.
 
     Returns:
         The `<svg>` element as a string. Series of up to 60 points also get a marker with a
@@ -133,6 +149,10 @@ def line_chart(points: Sequence[tuple[float, float]], title: str, color: str) ->
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x_lo, x_hi = _span(min(xs), max(xs))
     y_lo, y_hi = _span(min(ys), max(ys))
+    if y_from_zero and min(ys) >= 0:
+        y_lo = 0.0
+    elif y_lo > 0 or y_hi < 0:
+        title = f"{title} (y axis zoomed, not from 0)"
 
     def sx(x: float) -> float:
         return left + (x - x_lo) / (x_hi - x_lo) * plot_w

@@ -22,7 +22,16 @@ import torch
 from softprompt import dataset as ds
 from softprompt.config import JobConfig
 from softprompt.manifest import run_manifest
-from softprompt.metrics import ClassificationMetrics, bootstrap_ci, classification_metrics, mcnemar_p
+from softprompt.metrics import (
+    SIGNIFICANCE_LEVEL,
+    SIGNIFICANCE_TEST,
+    ClassificationMetrics,
+    Comparison,
+    bootstrap_ci,
+    classification_metrics,
+    compare,
+    verdict_sentence,
+)
 from softprompt.modeling import LoadedModel
 from softprompt.outcome import TrainOutcome
 from softprompt.prompts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_prompt_embeddings
@@ -140,8 +149,8 @@ def run(
         bar.close()
 
     results = {name: _metrics(s, rows, labels, ev.ece_bins) for name, s in scores.items()}
-    # The ensemble wins only if it beats the best single prompt on the eval split: choosing on the
-    # split we report would flatter it.
+    # The ensemble wins only if it is significantly better than the best single prompt on the eval
+    # split: choosing on the split we report would flatter it.
     winner, selection = ("tuned", None)
     if len(members) > 1:
         winner, selection = _choose_on_eval(cfg, loaded, data_dir, members, verbalizer)
@@ -154,6 +163,7 @@ def run(
         "winner": winner,
         "beats_baselines": beats,
         "verdict": verdict,
+        "significance": {"test": SIGNIFICANCE_TEST, "alpha": SIGNIFICANCE_LEVEL},
         "comparisons": comparisons,
         "few_shot_prefix": demo_text,
         "ensemble_selection": selection,
@@ -184,6 +194,8 @@ def run(
             history=history or [],
             manifest=manifest,
             verdict=verdict,
+            comparisons=comparisons,
+            intervals={name: bootstrap_ci((s.argmax(1) == np.asarray(rows.label_ids)).tolist()) for name, s in scores.items()},
             notes=[f"Evaluated on the {split_name} split ({len(rows)} rows, fingerprint {fingerprint[:12]})."],
         ),
         out / "report.html",
@@ -198,6 +210,19 @@ def eval_fingerprint(rows: ds.Split, template: str, labels: list[str]) -> str:
     for text, label in zip(rows.texts, rows.labels, strict=True):
         h.update(json.dumps([text, label]).encode())
     return h.hexdigest()
+
+
+def promotion_condition(metrics: dict[str, Any], *, require_significance: bool) -> bool:
+    """Whether an evaluation lets its prompt be promoted (the pipeline's condition on Promote).
+
+    Args:
+        metrics: `metrics.json`'s content.
+        require_significance: Demand that the prompt be significantly better than every baseline
+            (`beats_baselines`); otherwise a higher score than each baseline is enough.
+    """
+    if require_significance:
+        return bool(metrics.get("beats_baselines"))
+    return all(float(c.get("delta_points", 0.0)) > 0 for c in (metrics.get("comparisons") or {}).values())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,9 +267,17 @@ def _choose_on_eval(
     labels = list(verbalizer.labels)
     metric = cfg.evaluate.primary_metric
     singles = [getattr(_metrics(s, rows, labels, cfg.evaluate.ece_bins), metric) for s in each]
-    ens = getattr(_metrics(np.mean([_log_normalize(s) for s in each], axis=0), rows, labels, cfg.evaluate.ece_bins), metric)
-    winner = "ensemble" if ens > singles[0] else "tuned"
-    return winner, {"split": "eval", "rows": len(rows), "metric": metric, "members": singles, "ensemble": ens, "winner": winner}
+    ensemble = np.mean([_log_normalize(s) for s in each], axis=0)
+    ens = getattr(_metrics(ensemble, rows, labels, cfg.evaluate.ece_bins), metric)
+    # More than noise: the ensemble must score higher and be significantly better than the best
+    # single prompt on these rows; a tie or a lucky row or two keeps the single prompt.
+    y = np.asarray(rows.label_ids)
+    test = compare(METHOD_NAMES["tuned"], ensemble.argmax(1) == y, each[0].argmax(1) == y, (ens - singles[0]) * 100)
+    winner = "ensemble" if test.outcome == "better" else "tuned"
+    return winner, {
+        "split": "eval", "rows": len(rows), "metric": metric, "members": singles, "ensemble": ens, "winner": winner,
+        "mcnemar_p": test.p_value, "rule": f"the ensemble wins only when significantly better than the best prompt ({SIGNIFICANCE_TEST}, p < {SIGNIFICANCE_LEVEL:g})",
+    }
 
 
 def _log_normalize(scores: np.ndarray) -> np.ndarray:
@@ -267,22 +300,16 @@ def _verdict(
     ok_w = scores[winner].argmax(1) == y
     mine = getattr(results[winner], metric)
     lo, hi = bootstrap_ci(ok_w.tolist())
-    comparisons: dict[str, Any] = {}
-    parts, beats = [], True
+    found: dict[str, Comparison] = {}
     for name in ("zero_shot", "few_shot"):
-        if name not in results:
-            continue
-        theirs = getattr(results[name], metric)
-        p = mcnemar_p(ok_w.tolist(), (scores[name].argmax(1) == y).tolist())
-        delta = (mine - theirs) * 100
-        comparisons[name] = {"delta_points": round(delta, 2), "mcnemar_p": p}
-        beats = beats and mine > theirs
-        parts.append(f"{delta:+.1f} points vs {METHOD_NAMES[name]} (p={p:.2g})")
-    if not parts:
-        return f"{METHOD_NAMES[winner]}: {metric} {mine * 100:.1f}% (no baselines scored)", True, comparisons
-    head = "beats both baselines" if beats and len(parts) == 2 else ("beats the baseline" if beats else "does NOT beat every baseline")
-    verdict = f"The {METHOD_NAMES[winner]} {head}: {metric} {mine * 100:.1f}% (95% CI {lo * 100:.1f}-{hi * 100:.1f}), " + ", ".join(parts) + "."
-    return verdict, beats, comparisons
+        if name in results:
+            delta = (mine - getattr(results[name], metric)) * 100
+            found[name] = compare(METHOD_NAMES[name], ok_w, scores[name].argmax(1) == y, delta)
+    # "Beats" only when significantly better than every baseline (nothing to beat counts as beaten).
+    beats = all(c.outcome == "better" for c in found.values())
+    result = f"{metric} {mine * 100:.1f}% (95% CI {lo * 100:.1f}-{hi * 100:.1f})"
+    verdict = verdict_sentence(METHOD_NAMES[winner], result, list(found.values()))
+    return verdict, beats, {name: c.to_dict() for name, c in found.items()}
 
 
 def _bar(enabled: bool, total: int) -> Any:

@@ -20,6 +20,7 @@ import torch
 from softprompt import dataset as ds
 from softprompt.config import JobConfig
 from softprompt.engine import Prefix, greedy_generate, target_loss
+from softprompt.metrics import SIGNIFICANCE_LEVEL, SIGNIFICANCE_TEST, compare, verdict_sentence
 from softprompt.modeling import LoadedModel
 from softprompt.prompts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_prompt_embeddings
 from softprompt.scoring import text_embeds
@@ -48,21 +49,24 @@ def evaluate_generation(
         demo_text = "".join(render(cfg.task.template, train_rows.texts[i]) + " " + train_rows.labels[i] + "\n\n" for i in range(k))
         prefixes["few_shot"] = text_embeds(model, tok, demo_text)
     results: dict[str, dict[str, Any]] = {}
+    correct: dict[str, list[bool]] = {}
     samples: list[dict[str, str]] = []
     for name, prefix in prefixes.items():
         generated, loss = _generate_and_score(cfg, loaded, prefix, rows)
         hits = [_normalize(g) == _normalize(t) for g, t in zip(generated, rows.labels, strict=True)]
         em = sum(hits) / max(1, len(hits))
+        correct[name] = hits
         results[name] = {"accuracy": em, "exact_match": em, "loss": loss, "n": len(rows)}
         if name == "tuned":
             samples = [{"input": rows.texts[i], "target": rows.labels[i], "generated": generated[i]} for i in range(min(10, len(rows)))]
     mine = results["tuned"]["accuracy"]
-    baselines = {n: r for n, r in results.items() if n != "tuned"}
-    beats = all(mine > r["accuracy"] for r in baselines.values())
-    parts = [f"{(mine - r['accuracy']) * 100:+.1f} points vs {n.replace('_', '-')}" for n, r in baselines.items()]
-    verdict = f"The tuned prompt {'beats' if beats else 'does NOT beat'} the baselines on exact match: {mine * 100:.1f}%" + (
-        f" ({', '.join(parts)})." if parts else "."
-    )
+    found = {
+        name: compare(name.replace("_", "-"), correct["tuned"], correct[name], (mine - r["accuracy"]) * 100)
+        for name, r in results.items()
+        if name != "tuned"
+    }
+    beats = all(c.outcome == "better" for c in found.values())
+    verdict = verdict_sentence("tuned prompt", f"exact match {mine * 100:.1f}%", list(found.values()))
     metrics = {
         "primary_metric": "accuracy",
         "task_kind": "generation",
@@ -71,6 +75,8 @@ def evaluate_generation(
         "winner": "tuned",
         "beats_baselines": beats,
         "verdict": verdict,
+        "significance": {"test": SIGNIFICANCE_TEST, "alpha": SIGNIFICANCE_LEVEL},
+        "comparisons": {name: c.to_dict() for name, c in found.items()},
         "few_shot_prefix": demo_text,
         "samples": samples,
         **results,

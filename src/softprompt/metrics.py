@@ -2,7 +2,8 @@
 
 Pure numpy: accuracy, per-class precision/recall/F1, macro-F1, the confusion matrix, expected
 calibration error (ECE), per-slice accuracy, an exact McNemar test between two methods scored on
-the same examples, and a bootstrap confidence interval for accuracy.
+the same examples (and what its outcome lets a verdict say), and a bootstrap confidence interval
+for accuracy.
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+SIGNIFICANCE_LEVEL = 0.05
+"""A method is better or worse than another only when McNemar's exact test gives p below this."""
+
+SIGNIFICANCE_TEST = "McNemar's exact test"
+"""The test every verdict names: paired, on per-example correctness, two-sided."""
 
 # Rows of `probs` may come from a float16/float32 softmax over label tokens; allow rounding slack.
 _PROB_SUM_ATOL = 1e-3
@@ -236,6 +243,100 @@ def bootstrap_ci(
     accuracies = rng.binomial(n, float(flags.mean()), size=n_boot) / n
     low, high = np.quantile(accuracies, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Method A against method B on the same examples: the metric's difference and McNemar's test."""
+
+    baseline: str
+    """B's name as people read it, e.g. "few-shot"."""
+    delta_points: float
+    """A's metric minus B's, in percentage points (positive: A scored higher)."""
+    p_value: float
+    """McNemar's exact two-sided p-value on per-example correctness."""
+    only_a: int
+    """Examples A got right and B wrong."""
+    only_b: int
+    """Examples B got right and A wrong."""
+    alpha: float = SIGNIFICANCE_LEVEL
+    """The significance level the outcome is judged at."""
+
+    @property
+    def outcome(self) -> str:
+        """`better`, `worse` (both significant, and the metric and the disagreements agree on the
+        direction) or `not_significant`."""
+        if self.p_value < self.alpha and self.delta_points > 0 and self.only_a > self.only_b:
+            return "better"
+        if self.p_value < self.alpha and self.delta_points < 0 and self.only_a < self.only_b:
+            return "worse"
+        return "not_significant"
+
+    def phrase(self) -> str:
+        """E.g. "not significantly better than few-shot (+0.8 points, p=0.9)"."""
+        head = {
+            "better": "significantly better than",
+            "worse": "significantly worse than",
+            "not_significant": "not significantly better than",
+        }[self.outcome]
+        return f"{head} {self.baseline} ({self.delta_points:+.1f} points, p={self.p_value:.2g})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `comparisons` entry of metrics.json."""
+        return {
+            "delta_points": round(self.delta_points, 2),
+            "mcnemar_p": self.p_value,
+            "only_winner": self.only_a,
+            "only_baseline": self.only_b,
+            "outcome": self.outcome,
+            "significant": self.outcome != "not_significant",
+        }
+
+
+def compare(
+    baseline: str,
+    correct_a: Sequence[bool] | np.ndarray,
+    correct_b: Sequence[bool] | np.ndarray,
+    delta_points: float,
+    alpha: float = SIGNIFICANCE_LEVEL,
+) -> Comparison:
+    """Compares method A with method B on the same examples.
+
+    Args:
+        baseline: B's name as people read it.
+        correct_a: Whether A got each example right.
+        correct_b: Whether B got the same examples right, in the same order.
+        delta_points: A's metric minus B's, in percentage points (the metric may be macro-F1, so
+            it is passed in; the test is on correctness either way).
+        alpha: Significance level.
+    """
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    p = mcnemar_p(a, b)
+    return Comparison(baseline, float(delta_points), p, int(np.sum(a & ~b)), int(np.sum(~a & b)), alpha)
+
+
+def verdict_sentence(method: str, result: str, comparisons: Sequence[Comparison]) -> str:
+    """The one-sentence verdict of a method against its baselines, honest about significance.
+
+    "Beats" is said only when the method is significantly better than every baseline; otherwise
+    each baseline gets its own clause ("not significantly better than few-shot (+0.8 points,
+    p=0.9)", "significantly worse than ...").
+
+    Args:
+        method: The method's name, e.g. "tuned prompt".
+        result: Its score as people read it, e.g. "accuracy 76.3% (95% CI 71.0-81.5)".
+        comparisons: One per baseline scored.
+    """
+    if not comparisons:
+        return f"The {method}: {result} (no baselines scored)."
+    test = f"{SIGNIFICANCE_TEST}, significant at p < {comparisons[0].alpha:g}"
+    if all(c.outcome == "better" for c in comparisons):
+        head = "beats both baselines" if len(comparisons) == 2 else ("beats the baseline" if len(comparisons) == 1 else "beats every baseline")
+        return f"The {method} {head}: {result}, " + " and ".join(c.phrase() for c in comparisons) + f"; {test}."
+    outcomes = {c.outcome for c in comparisons}
+    joiner = " and " if len(outcomes) == 1 else " but "
+    return f"The {method} is " + joiner.join(c.phrase() for c in comparisons) + f": {result}; {test}."
 
 
 def _as_indices(values: Sequence[int] | np.ndarray, name: str, k: int, labels: list[str]) -> np.ndarray:

@@ -52,9 +52,13 @@ class ReportInputs:
     manifest: dict[str, Any]
     """Provenance: git_sha, packages, base_model, dataset_fingerprint, config (the resolved one)."""
     verdict: str
-    """One-sentence headline, e.g. "tuned prompt beats both baselines by +9.1 and +4.2 points"."""
+    """One-sentence headline, e.g. "The tuned prompt is ... but not significantly better than few-shot (+0.8 points, p=0.9): ..."."""
     notes: list[str] = field(default_factory=list)
     """Free-text caveats shown under the charts."""
+    comparisons: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """baseline -> metrics.json's comparison of the winner with it (delta_points, mcnemar_p, outcome); empty: no table."""
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """method -> 95% interval of its accuracy, drawn as whiskers on the accuracy bars."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -185,17 +189,38 @@ def _comparison(inputs: ReportInputs, methods: list[str]) -> str:
         f"<th>{escape(_method_name(focus))} lead ({_METRIC_NAMES[metric]}, pts)</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
-    return f"<section><h2>Baseline comparison</h2>{table}{_bar_chart(inputs.results, methods)}</section>"
+    caption = f'<p class="muted">Bars start at 0%.{" Whiskers: 95% bootstrap interval of accuracy." if inputs.intervals else ""}</p>'
+    return (
+        f"<section><h2>Baseline comparison</h2>{table}{_significance(inputs)}"
+        f"{_bar_chart(inputs.results, methods, inputs.intervals)}{caption}</section>"
+    )
 
 
-def _bar_chart(results: Mapping[str, ClassificationMetrics], methods: list[str]) -> str:
-    """Grouped bars: one group per primary metric, one bar per method."""
+_OUTCOMES = {"better": "significantly better", "worse": "significantly worse", "not_significant": "not significant"}
+
+
+def _significance(inputs: ReportInputs) -> str:
+    """The winner against each baseline: the difference, McNemar's p and what it allows us to say."""
+    rows = "".join(
+        f"<tr><th>{escape(_method_name(name))}</th><td>{float(c.get('delta_points', 0.0)):+.1f}</td>"
+        f"<td>{_num(c.get('mcnemar_p'), '.2g')}</td><td>{escape(_OUTCOMES.get(c.get('outcome', ''), 'not significant'))}</td></tr>"
+        for name, c in inputs.comparisons.items()
+    )
+    return rows and (
+        '<p class="muted">Winner against each baseline: McNemar\'s exact test on the rows each got right; '
+        "a difference counts only at p &lt; 0.05.</p><table><thead><tr><th>Baseline</th><th>Difference (pts)</th>"
+        f"<th>p</th><th>Verdict</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+def _bar_chart(results: Mapping[str, ClassificationMetrics], methods: list[str], intervals: Mapping[str, tuple[float, float]]) -> str:
+    """Grouped bars: one group per primary metric, one bar per method; accuracy has its interval."""
     series = [
-        BarSeries(_method_name(m), _color(m), [_score(results[m], key) for key in PRIMARY_METRICS])
+        BarSeries(_method_name(m), _color(m), [_score(results[m], k) for k in PRIMARY_METRICS],
+                  [intervals.get(m) if k == "accuracy" else None for k in PRIMARY_METRICS])
         for m in methods
     ]
-    groups = [_METRIC_NAMES[key] for key in PRIMARY_METRICS]
-    return bar_chart(groups, series, "Accuracy and macro-F1 per method")
+    return bar_chart([_METRIC_NAMES[k] for k in PRIMARY_METRICS], series, "Accuracy and macro-F1 per method")
 
 
 def _confusion(inputs: ReportInputs, method: str) -> str:
@@ -289,8 +314,8 @@ def _training(history: Sequence[Mapping[str, Any]]) -> str:
     loss = _points(history, "train_loss")
     evals = _points(history, "eval_metric")
     charts = [
-        line_chart(loss, "Training loss", _METHOD_COLORS["tuned"]) if loss else _empty_chart("training loss"),
-        line_chart(evals, "Eval metric", "#16a34a") if evals else _empty_chart("eval metric"),
+        line_chart(loss, "Training loss", _METHOD_COLORS["tuned"], y_from_zero=True) if loss else _empty_chart("training loss"),
+        line_chart(evals, "Eval metric", "#16a34a", y_from_zero=True) if evals else _empty_chart("eval metric"),
     ]
     return f'<section><h2>Training curves</h2><div class="charts">{"".join(charts)}</div></section>'
 
@@ -405,33 +430,21 @@ def _pts(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f} pts"
 
 
-def _num(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "—" if value is None else format(float(value), fmt)
 
 
 _CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#111827;background:#f3f4f6;margin:0}
-main{max-width:960px;margin:0 auto;padding:24px}
-header,section{background:#fff;border-radius:8px;padding:16px 20px;margin-bottom:16px;box-shadow:0 1px 2px #0001}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:0 0 10px}
-.facts,.muted{color:#4b5563}.muted{font-size:13px}
-.verdict{font-size:18px;font-weight:600;background:#eff6ff;border-left:4px solid #2563eb;padding:8px 12px}
-.tiles{display:flex;gap:12px;flex-wrap:wrap}
-.tile{border-top:4px solid;border-radius:6px;background:#f9fafb;padding:8px 14px;min-width:120px}
-.tile-name{font-size:12px;color:#4b5563}.tile-value{font-size:22px;font-weight:700}.delta{font-size:12px}
-table{border-collapse:collapse;margin:8px 0;font-variant-numeric:tabular-nums}
-th,td{padding:4px 10px;border-bottom:1px solid #e5e7eb;text-align:right}
-th:first-child{text-align:left}thead th{font-size:12px;color:#4b5563}
-tr.gap th,tr.gap td{font-weight:600;border-top:2px solid #9ca3af}
-.swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px}
-.barcell{width:220px}.hbar{height:10px;border-radius:2px}
-.charts{display:flex;gap:16px;flex-wrap:wrap}
-svg{max-width:100%;height:auto;font-size:11px}
-svg text{fill:#374151}svg .count{text-anchor:middle;font-size:12px}
-svg .val,svg .tick-x,svg .axis-title{text-anchor:middle}
-svg .tick-y,svg .row-label{text-anchor:end}svg .col-label{text-anchor:start}
-svg .chart-title{font-weight:600;font-size:12px}svg .grid{stroke:#e5e7eb}
-.warn{color:#b45309;font-weight:600}code{word-break:break-all}
-pre{background:#f9fafb;padding:10px;overflow:auto;max-height:480px;font-size:12px}
-summary{cursor:pointer;margin-top:8px}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#111827;background:#f3f4f6;margin:0}main{max-width:960px;margin:0 auto;padding:24px}
+header,section{background:#fff;border-radius:8px;padding:16px 20px;margin-bottom:16px;box-shadow:0 1px 2px #0001}h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:0 0 10px}
+.facts,.muted{color:#4b5563}.muted{font-size:13px}.verdict{font-size:18px;font-weight:600;background:#eff6ff;border-left:4px solid #2563eb;padding:8px 12px}
+.tiles{display:flex;gap:12px;flex-wrap:wrap}.tile{border-top:4px solid;border-radius:6px;background:#f9fafb;padding:8px 14px;min-width:120px}
+.tile-name{font-size:12px;color:#4b5563}.tile-value{font-size:22px;font-weight:700}.delta{font-size:12px}table{border-collapse:collapse;margin:8px 0;font-variant-numeric:tabular-nums}
+th,td{padding:4px 10px;border-bottom:1px solid #e5e7eb;text-align:right}th:first-child{text-align:left}thead th{font-size:12px;color:#4b5563}
+tr.gap th,tr.gap td{font-weight:600;border-top:2px solid #9ca3af}.swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px}
+.barcell{width:220px}.hbar{height:10px;border-radius:2px}.charts{display:flex;gap:16px;flex-wrap:wrap}
+svg{max-width:100%;height:auto;font-size:11px}svg text{fill:#374151}svg .count{text-anchor:middle;font-size:12px}
+svg .val,svg .tick-x,svg .axis-title{text-anchor:middle}svg .tick-y,svg .row-label{text-anchor:end}svg .col-label{text-anchor:start}
+svg .chart-title{font-weight:600;font-size:12px}svg .grid{stroke:#e5e7eb}.warn{color:#b45309;font-weight:600}code{word-break:break-all}
+pre{background:#f9fafb;padding:10px;overflow:auto;max-height:480px;font-size:12px}summary{cursor:pointer;margin-top:8px}
 """

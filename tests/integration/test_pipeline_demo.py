@@ -3,8 +3,9 @@
 The real job, not a miniature: the embedded SmolLM2-135M-Instruct, the bundled support-intent
 data, the demo's Ray Tune sweep (4 trials, each a Ray Train run of 2 CPU workers on the local Ray
 the tune step starts), evaluation against zero-shot and few-shot baselines, publish and the gated
-promotion, every step a subprocess of kfp's SubprocessRunner. The tuned prompt must beat both
-baselines.
+promotion, every step a subprocess of kfp's SubprocessRunner. The tuned prompt must score above
+both baselines; it is promoted only when significantly better than both (McNemar's exact test,
+`publish.require_significance`), and the verdict line says which.
 
 Time: the demo's target is 10 minutes on a 2-core machine, but 2-core CI machines differ: the same
 pipeline took 453 s in one CI run and 722 s in another (an AMD EPYC machine, on which this
@@ -52,5 +53,11 @@ def test_the_demo_config_runs_through_the_local_pipeline(
     assert outcome.trainer == "ray-tune" and sum(outcome.summary["tune"]["by_status"].values()) == 4  # the demo's 4 trials
     metrics = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert metrics["tuned_accuracy"] > max(metrics["zero_shot_accuracy"], metrics["few_shot_accuracy"]), metrics
-    assert re.search(r"published version \w+ at \S+; the tuned prompt beats", out), out[-2000:]
-    assert (run_dir / "promote").exists()
+    evaluated = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())["artifacts"]["artifact"]["artifacts"][0]
+    verdict = json.loads((Path(evaluated["uri"]) / "metrics.json").read_text())
+    significant = verdict["beats_baselines"]
+    assert significant == all(c["outcome"] == "better" for c in verdict["comparisons"].values()), verdict["comparisons"]
+    assert ("beats" in verdict["verdict"]) == significant and "McNemar's exact test" in verdict["verdict"], verdict["verdict"]
+    said = "beats its baselines" if significant else "does not beat every baseline significantly"
+    assert re.search(rf"published version \w+ at \S+; the tuned prompt {said}", out), out[-2000:]
+    assert (run_dir / "promote").exists() is significant

@@ -64,6 +64,14 @@ def test_metrics_have_every_method_and_the_fingerprint(evaluated: tuple[JobConfi
     assert metrics["tuned"]["method"] == "tuned" and isinstance(metrics["beats_baselines"], bool)
     assert set(metrics["comparisons"]) == {"zero_shot", "few_shot"}
     assert result.verdict == metrics["verdict"] and "zero-shot" in result.verdict
+    # Honest wording: "beats" only when significantly better than every baseline (McNemar's exact test).
+    assert metrics["significance"] == {"test": "McNemar's exact test", "alpha": 0.05}
+    assert metrics["beats_baselines"] == all(c["outcome"] == "better" for c in metrics["comparisons"].values())
+    assert ("beats" in result.verdict) == metrics["beats_baselines"]
+    for name, c in metrics["comparisons"].items():
+        assert {"delta_points", "mcnemar_p", "outcome", "significant"} <= set(c)
+        shown = {"better": "significantly better than", "worse": "significantly worse than", "not_significant": "not significantly better than"}
+        assert f"{shown[c['outcome']]} {evaluate.METHOD_NAMES[name]} ({c['delta_points']:+.1f} points, p={c['mcnemar_p']:.2g})" in result.verdict
     assert "tuned prompt" in result.table() and "few-shot" in result.table()
 
 
@@ -152,7 +160,9 @@ def test_an_ensemble_of_two_adapters_is_scored(tiny: LoadedModel, demo_cfg: Demo
     selection = result.metrics["ensemble_selection"]
     # The winner is chosen on the eval split, not on the split the report shows.
     assert selection["split"] == "eval" and selection["winner"] == result.metrics["winner"]
-    assert (selection["ensemble"] > selection["members"][0]) == (result.metrics["winner"] == "ensemble")
+    # More than noise: only a significantly better ensemble (McNemar on the eval rows) replaces the single prompt.
+    significant = selection["ensemble"] > selection["members"][0] and selection["mcnemar_p"] < 0.05
+    assert significant == (result.metrics["winner"] == "ensemble") and "significantly better" in selection["rule"]
     # The published adapter is the first (single best) prompt; an ensemble winner ships every
     # member in one flat file (registry versions hold regular files only).
     assert (result.artifact_dir / "adapter_model.safetensors").read_bytes() == (a / "adapter_model.safetensors").read_bytes()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from softprompt.metrics import ClassificationMetrics, bootstrap_ci, classification_metrics, mcnemar_p
+from softprompt.metrics import ClassificationMetrics, bootstrap_ci, classification_metrics, compare, mcnemar_p
 
 LABELS = ["a", "b", "c"]
 # Confusion (rows true, cols predicted): a=[1,1,0], b=[0,2,0], c=[1,0,1].
@@ -176,3 +176,14 @@ def test_bootstrap_ci_contains_accuracy_and_is_reproducible() -> None:
 def test_bootstrap_ci_rejects_bad_arguments(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         bootstrap_ci(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_comparison_records_its_test_and_outcome() -> None:
+    # 12 rows only A got right, 2 only B: p = 2 * P(X <= 2 | n=14) ~ 0.013.
+    a = [True] * 12 + [False] * 2 + [True] * 6
+    b = [False] * 12 + [True] * 2 + [True] * 6
+    c = compare("few-shot", a, b, delta_points=50.0)
+    assert (c.only_a, c.only_b) == (12, 2) and c.p_value == pytest.approx(mcnemar_p(a, b)) and c.p_value < 0.05
+    assert c.outcome == "better" and c.phrase() == f"significantly better than few-shot (+50.0 points, p={c.p_value:.2g})"
+    assert c.to_dict() == {"delta_points": 50.0, "mcnemar_p": c.p_value, "only_winner": 12, "only_baseline": 2, "outcome": "better", "significant": True}
+    assert compare("few-shot", a[:4] + a[12:], b[:4] + b[12:], delta_points=10.0).outcome == "not_significant"

@@ -52,7 +52,7 @@ def _inputs(**changes: Any) -> ReportInputs:
             "dataset_fingerprint": "sha256:feedbeef",
             "config": {"prompt": {"num_virtual_tokens": 20, "init_text": "<b>classify</b>"}},
         },
-        verdict="tuned prompt beats both baselines by +30.0 and +10.0 accuracy points",
+        verdict="The tuned prompt is significantly better than zero-shot (+30.0 points, p=1e-05) but not significantly better than few-shot (+10.0 points, p=0.2)",
         notes=["small test set: <10 examples"],
     )
     return dataclasses.replace(inputs, **changes)
@@ -112,7 +112,7 @@ def test_report_has_every_section_and_is_well_formed() -> None:
     # Bar chart, confusion heatmap, loss curve, eval curve.
     assert parsed.tags["svg"] == 4
     assert parsed.tags["polyline"] == 2
-    assert "tuned prompt beats both baselines by +30.0 and +10.0 accuracy points" in page
+    assert "but not significantly better than few-shot (+10.0 points, p=0.2)" in page
     assert "Gap (best − worst)" in page
     assert "<details><summary>Resolved config</summary><pre>" in page
     for fact in ("0123abcd", "torch=2.5.1", "SmolLM2-135M @ main", "sha256:feedbeef"):
@@ -210,3 +210,19 @@ def test_write_report_creates_the_file(tmp_path: Path) -> None:
 
     assert written == target
     assert target.read_text(encoding="utf-8") == render_report(_inputs())
+
+
+def test_significance_table_and_intervals_are_shown_and_bars_start_at_zero() -> None:
+    comparisons = {
+        "zero_shot": {"delta_points": 30.0, "mcnemar_p": 1e-05, "outcome": "better"},
+        "few_shot": {"delta_points": 10.0, "mcnemar_p": 0.2, "outcome": "not_significant"},
+    }
+    page = render_report(_inputs(comparisons=comparisons, intervals={"tuned": (0.4, 0.9)}))
+    _parse(page)
+    assert "McNemar&#x27;s exact test" in page or "McNemar's exact test" in page
+    assert "<th>Few-shot</th><td>+10.0</td><td>0.2</td><td>not significant</td>" in page
+    assert "<th>Zero-shot</th><td>+30.0</td><td>1e-05</td><td>significantly better</td>" in page
+    assert "95% interval 40.0%-90.0%" in page and "Bars start at 0%. Whiskers: 95% bootstrap interval of accuracy." in page
+    # Without comparisons there is no table (older callers), and the curves start at 0.
+    plain = render_report(_inputs())
+    assert "<th>Verdict</th>" not in plain and "zoomed" not in plain

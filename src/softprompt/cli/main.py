@@ -17,11 +17,12 @@ for people (`SoftpromptError`) print without a traceback and exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
-from softprompt import flags
+from softprompt import console, flags
 from softprompt.config import JobConfig, load_config
 from softprompt.errors import SoftpromptError
 
@@ -113,6 +114,11 @@ def _run_dir(cfg: JobConfig, args: argparse.Namespace) -> Path:
     return Path(args.run_dir) if getattr(args, "run_dir", None) else run_folder(cfg)
 
 
+def _console(args: argparse.Namespace, run_dir: Path) -> contextlib.AbstractContextManager[object]:
+    """Ray's and the libraries' output into `<run_dir>/logs/` (softprompt.console); `-v` keeps it all on the console."""
+    return contextlib.nullcontext() if args.verbose else console.run_logs(run_dir)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """`softprompt validate`."""
     cfg = _config(args)
@@ -145,7 +151,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = _run_dir(cfg, args)
     trainer = InProcessTrainer(resume=not args.no_resume, progress=not args.no_progress)
     print(trainer.describe(cfg))
-    outcome = trainer.train(cfg, Path(args.data) if args.data else run_dir / "data", run_dir, Models(cfg))
+    with _console(args, run_dir):
+        outcome = trainer.train(cfg, Path(args.data) if args.data else run_dir / "data", run_dir, Models(cfg))
     print(outcome.line())
     print(f"adapter: {outcome.winners[0]}")
     return 0
@@ -161,7 +168,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = _run_dir(cfg, args)
     outcome = TrainOutcome.read(args.train or run_dir / "train")
     data = Path(args.data) if args.data else run_dir / "data"
-    result = evaluate.run(cfg, Models(outcome.config).get(), data, outcome, run_dir / "artifact", progress=not args.no_progress)
+    with _console(args, run_dir):
+        result = evaluate.run(cfg, Models(outcome.config).get(), data, outcome, run_dir / "artifact", progress=not args.no_progress)
     print(result.table())
     print(result.verdict)
     print(f"artifact: {result.artifact_dir}")
@@ -187,7 +195,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"run folder: {run_dir}")
     trainer = RayTuneTrainer(args.ray_address, progress=True)  # the trial view prints even with --no-progress
     print(trainer.describe(cfg))
-    outcome = trainer.train(cfg, data, run_dir, Models(cfg))
+    with _console(args, run_dir):
+        outcome = trainer.train(cfg, data, run_dir, Models(cfg))
     print(outcome.line())
     print("winners (best first): " + ", ".join(str(d) for d in outcome.winners))
     return 0
@@ -213,7 +222,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         trainer = RayTrainTrainer(args.ray_address)
     else:
         trainer = job.InProcessTrainer(progress=not args.no_progress)
-    job.run(cfg, _run_dir(cfg, args), trainer, publish_artifact=not args.no_publish, progress=not args.no_progress, echo=print)
+    run_dir = _run_dir(cfg, args)
+    with _console(args, run_dir):
+        job.run(cfg, run_dir, trainer, publish_artifact=not args.no_publish, progress=not args.no_progress, echo=print)
     return 0
 
 

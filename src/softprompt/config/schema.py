@@ -184,6 +184,10 @@ class PublishConfig:
 
     registry: str = "runs/registry"
     """The prompt registry: a local folder or an `s3://bucket/prefix` URI."""
+    require_significance: bool = True
+    """Promote (the pipeline's Promote step) only a prompt significantly better than every baseline
+    (McNemar's exact test, p < 0.05); a higher score within the noise is not a win. `false` promotes
+    any prompt that scores higher than each baseline (and still has to beat the champion)."""
 
 
 @dataclass(frozen=True)
@@ -299,7 +303,8 @@ class TuneConfig:
     up yet cannot tell: there, with `ray.use_gpu`, set it."""
     top_k_ensemble: int = 3
     """The best k trials' prompts are also scored as an ensemble (mean label log-probability), and
-    the ensemble wins when it scores higher on the eval split; 1 turns ensembles off. Members
+    the ensemble wins only when it is significantly better than the best prompt on the eval split
+    (McNemar's exact test, p < 0.05), not within the noise; 1 turns ensembles off. Members
     besides the best are trials that ran to the end, then (only if too few did) trials ASHA stopped."""
     resume: bool = True
     """Continue an interrupted sweep of the same run folder (`Tuner.restore`: finished trials are

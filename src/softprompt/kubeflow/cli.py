@@ -132,7 +132,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     outputs = _module("pipeline").run_local(arguments, pipeline_root=args.pipeline_root)
     seconds = time.monotonic() - started
-    verdict = "beats its baselines (promotion step ran)" if outputs.get("beats_baselines") else "does not beat every baseline (not promoted)"
+    # The verdict with its p-values is the evaluate step's last line above; this says what it meant for promotion.
+    verdict = ("beats its baselines (promotion step ran)" if outputs.get("beats_baselines")
+               else "does not beat every baseline significantly (not promoted; see the evaluate step's verdict)")
     print(f"pipeline finished in {seconds:.0f}s: published version {outputs.get('version')} at {outputs.get('uri')}; the tuned prompt {verdict}")
     print(f"step outputs: {Path(args.pipeline_root).resolve()}")
     return 0

@@ -90,7 +90,10 @@ def evaluate(
 ) -> bool:
     """Evaluate: score the winners against zero-shot and few-shot baselines; output the
     publishable artifact folder, the scores, the confusion matrix and the report, and return
-    whether the tuned prompt beats every baseline (the promotion gate)."""
+    whether the prompt may be promoted: significantly better than every baseline (McNemar's exact
+    test, p < 0.05), or only higher-scoring when `publish.require_significance` is false."""
+    from softprompt.config import load_config
+    from softprompt.evaluate import promotion_condition
     from softprompt.kubeflow import steps
 
     result = steps.evaluate(config.path, dataset.path, winners.path, artifact.path, report.path)
@@ -98,7 +101,7 @@ def evaluate(
         metrics.log_metric(name, value)
     confusion.log_confusion_matrix(result["tuned"]["labels"], result["tuned"]["confusion"])
     artifact.metadata.update({key: result[key] for key in ("primary_metric", "split", "beats_baselines", "verdict")})
-    return bool(result["beats_baselines"])
+    return promotion_condition(result, require_significance=load_config(config.path).publish.require_significance)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -1,5 +1,5 @@
 """The softprompt pipeline: validate → ingest → tune → evaluate → publish, then promote when the
-tuned prompt beats its baselines.
+tuned prompt beats its baselines (significantly, unless `publish.require_significance` is false).
 
     softprompt pipeline compile --output softprompt_pipeline.yaml
     softprompt pipeline run --local -c configs/demo.yaml
@@ -39,7 +39,8 @@ class PipelineOutputs(NamedTuple):
     uri: str
     """Where it was published (s3://... or a folder)."""
     beats_baselines: bool
-    """Whether the tuned prompt beat every baseline (and promotion was attempted)."""
+    """Whether the tuned prompt beat every baseline (significantly, with `publish.require_significance`,
+    the default) and promotion was attempted."""
 
 
 S3_SECRET_ENV = "SOFTPROMPT_S3_SECRET"

@@ -242,14 +242,16 @@ def publish(config: str | Path, artifact: str | Path) -> dict[str, Any]:
 
 def promote(config: str | Path, task: str, base_model: str, version: str, *, reason: str = "") -> str:
     """Make the version the champion if the registry's gate agrees (same eval set, better
-    `evaluate.primary_metric`). Returns the outcome (`promoted`, `refused`, `unchanged`); a refusal
+    `evaluate.primary_metric`, and with `publish.require_significance` significantly better than
+    every baseline). Returns the outcome (`promoted`, `refused`, `unchanged`); a refusal
     is not an error."""
     from softprompt import registry
 
     ensure_s3_credentials()
     cfg = load_config(config)
     result = registry.promote(registry.open_registry(cfg), task, base_model, version,
-                              gate=registry.Gate(metric=cfg.evaluate.primary_metric), reason=reason)
+                              gate=registry.Gate(metric=cfg.evaluate.primary_metric, require_significance=cfg.publish.require_significance),
+                              reason=reason)
     print(result.message)
     return result.status
 

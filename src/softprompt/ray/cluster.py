@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Any
 
+from softprompt import console
 from softprompt.config import RayConfig
 from softprompt.errors import SoftpromptError
 
@@ -89,9 +91,12 @@ def init_ray(rc: RayConfig, address: str | None = None, *, tuning: bool = True) 
     if ray.is_initialized():
         return "using the Ray this process is already connected to"
     target = address or rc.address or os.environ.get("RAY_ADDRESS")
+    # Inside `softprompt run`/`tune`, Ray's own console output (its loggers, the workers' forwarded
+    # stdout/stderr, the raylet's notices) goes to the run's log files (softprompt.console).
+    log_level = _route_ray_output()
     try:
         if target:
-            ctx = ray.init(address=target, logging_level=logging.WARNING)
+            ctx = ray.init(address=target, logging_level=log_level)
             what = f"joined Ray at {target}"
         else:
             # The dashboard stays on: a trial that ASHA stops is killed with its Train controller,
@@ -114,7 +119,7 @@ def init_ray(rc: RayConfig, address: str | None = None, *, tuning: bool = True) 
             try:
                 ctx = ray.init(
                     num_cpus=local_num_cpus(rc), include_dashboard=rc.dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
-                    logging_level=logging.WARNING,
+                    logging_level=log_level,
                 )
             finally:
                 notice.setLevel(level)
@@ -142,6 +147,56 @@ SIGN_IN = "; sign in with the token `ray get-auth-token` prints"
 def auth_token_required() -> bool:
     """Whether the Ray this process uses asks for a token (RAY_AUTH_MODE=token)."""
     return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+
+
+def _route_ray_output() -> int:
+    """While a run's logs are open (`softprompt.console.run_logs`), send Ray's console output to
+    them; returns the `logging_level` for `ray.init`.
+
+    Two private seams of Ray 2.60, patched once per process and inert when no run's logs are open:
+    `ray._private.worker.print_to_stdstream`, the driver's sink for the output Ray forwards from
+    its workers and actors and for the raylet's notices (ray.init binds it when it connects and the
+    notices look it up on each call, so patching before init covers both), and the `emit` of
+    `ray._private.log.PlainRayHandler`, the console handler of every Ray logger (ray, ray.data, ...).
+    Token authentication is untouched; its notice is a record of one of those loggers.
+    """
+    if console.active() is None:
+        return console.ray_log_level()
+    import ray._private.log as ray_log
+    import ray._private.worker as ray_worker
+
+    if not getattr(ray_worker.print_to_stdstream, "_softprompt", False):
+        original_print = ray_worker.print_to_stdstream
+
+        def to_ray_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+            logs = console.active()
+            if logs is None:
+                original_print(data, ignore_prefix)
+                return
+            pid, lines = data.get("pid"), [str(line) for line in data.get("lines", [])]
+            if pid == "autoscaler":  # its status dump every few seconds; Ray too keeps only the events
+                lines = list(ray_worker.filter_autoscaler_events(lines))
+            source = pid if pid in ("raylet", "autoscaler") else f"{data.get('actor_name') or data.get('task_name') or 'worker'} pid={pid}"
+            if lines:
+                logs.write_forwarded(str(source), lines)
+
+        to_ray_log._softprompt = True  # type: ignore[attr-defined]
+        ray_worker.print_to_stdstream = to_ray_log
+    handler_class = ray_log.PlainRayHandler
+    if not getattr(handler_class.emit, "_softprompt", False):
+        original_emit = handler_class.emit
+
+        def emit(self: Any, record: logging.LogRecord) -> None:
+            logs = console.active()
+            sink = logs.driver_handler if logs is not None else None
+            if sink is None or record.levelno >= logging.ERROR:  # errors stay on the console too
+                original_emit(self, record)
+            if sink is not None:
+                sink.handle(record)
+
+        emit._softprompt = True  # type: ignore[attr-defined]
+        handler_class.emit = emit  # type: ignore[method-assign]
+    return console.ray_log_level()
 
 
 def _free_port() -> int:

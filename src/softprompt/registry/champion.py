@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from softprompt.errors import ConfigError, ConflictError, IntegrityError, StoreError
-from softprompt.registry.integrity import MANIFEST, parse_history, repair_command, stored_damage
+from softprompt.metrics import SIGNIFICANCE_LEVEL, SIGNIFICANCE_TEST
+from softprompt.registry.integrity import MANIFEST, METRICS, parse_history, repair_command, stored_damage
 from softprompt.registry.store import ArtifactStore, NotFoundError
 from softprompt.registry.versions import CHAMPION, check_version, load_manifest, pointer_state, slug
 
@@ -33,6 +34,12 @@ class Gate:
     """Metric compared (from the tuned metrics in metrics.json); higher is better."""
     min_delta: float = 0.0
     """The challenger must beat the champion by strictly more than this (same eval set only)."""
+    require_significance: bool = False
+    """Also refuse a challenger that is not significantly better than every baseline it was scored
+    against (McNemar's exact test, p < 0.05, as its metrics.json records), even as the first
+    champion: a higher score within the noise is not a win. On the CLI: `softprompt promote
+    --require-significance`. The pipeline checks `publish.require_significance` (on by default)
+    before its Promote step runs at all."""
 
     def __post_init__(self) -> None:
         if not self.metric:
@@ -126,13 +133,20 @@ def promote(
         return result(
             "unchanged", False, value, f"{version} is already the champion of {task}/{model}; nothing to do"
         )
-    refusal, champion_value = None, None
+    refusals: list[str] = []
+    champion_value = None
+    if gate.require_significance and (weak := _significance_refusal(store, f"{task}/{model}/{version}", version)):
+        if not force:
+            return result("refused", False, None, f"not promoted: {weak}")
+        refusals.append(weak)
     if current is not None:
         refusal, champion_value = _gate_refusal(store, task, model, current, challenger, value, gate)
         if refusal and not force:
             return result("refused", False, champion_value, f"not promoted: {refusal}")
+        refusals += [refusal] if refusal else []
     elif state.damage:
-        refusal = f"the unreadable {store.uri(f'{task}/{model}/{CHAMPION}')} was replaced; nothing was compared"
+        refusals.append(f"the unreadable {store.uri(f'{task}/{model}/{CHAMPION}')} was replaced; nothing was compared")
+    refusal = "; ".join(refusals) or None
     forced = refusal is not None
     _refuse_damaged(store, task, model, challenger, "promote")
     # Over an unreadable pointer, the last champion the history records is what rollback goes back to.
@@ -210,6 +224,34 @@ def rollback(
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def _significance_refusal(store: ArtifactStore, prefix: str, version: str) -> str | None:
+    """Why `version` is not significantly better than its baselines, or None when it is."""
+    key = f"{prefix}/{METRICS}"
+    try:
+        metrics = json.loads(store.get_bytes(key))
+    except (NotFoundError, ValueError) as exc:
+        return f"{store.uri(key)} cannot be read ({exc}), so its significance is unknown; pass --force --reason '...'"
+    if not isinstance(metrics, dict):
+        return f"{store.uri(key)} is not a JSON object, so its significance is unknown; pass --force --reason '...'"
+    comparisons = metrics.get("comparisons") or {}
+    baselines = [k for k in ("zero_shot", "few_shot") if k in metrics]  # none scored: nothing to beat
+    if not isinstance(comparisons, dict) or set(baselines) - set(comparisons):
+        return (f"{version}'s metrics.json records no significance test against {baselines}; re-evaluate it with this "
+                "release, or pass --force --reason '...'")
+    alpha = float((metrics.get("significance") or {}).get("alpha", SIGNIFICANCE_LEVEL))
+    weak = []
+    for name, c in comparisons.items():
+        delta, p = float(c.get("delta_points", 0.0)), float(c.get("mcnemar_p", 1.0))
+        outcome = c.get("outcome") or ("better" if p < alpha and delta > 0 else "not_significant")
+        if outcome != "better":
+            word = "significantly worse than" if outcome == "worse" else "not significantly better than"
+            weak.append(f"{word} {name.replace('_', '-')} ({delta:+.1f} points, p={p:.2g})")
+    if not weak:
+        return None
+    return (f"{version} is " + " and ".join(weak) + f" ({SIGNIFICANCE_TEST}; the gate requires p < {alpha:g} against every "
+            "baseline); pass --force --reason '...' to promote it anyway")
 
 
 def _metric_value(manifest: dict[str, Any], metric: str, where: str) -> float:

@@ -48,6 +48,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--min-delta", type=float, default=0.0, help="required improvement, strictly more (default: 0)"
     )
     p.add_argument(
+        "--require-significance", action=argparse.BooleanOptionalAction, default=False,
+        help="refuse a version not significantly better than every baseline it was scored against "
+        "(McNemar's exact test, p < 0.05, from its metrics.json); the pipeline's default is publish.require_significance",
+    )
+    p.add_argument(
         "--force", action="store_true", help="promote even if the gate refuses, or over an unreadable pointer (recorded)"
     )
     p.add_argument("--reason", default="", help="why; recorded in the pointer and the history")
@@ -136,7 +141,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    gate = registry.Gate(metric=args.metric, min_delta=args.min_delta)
+    gate = registry.Gate(metric=args.metric, min_delta=args.min_delta, require_significance=args.require_significance)
     result = registry.promote(
         _store(args),
         args.task,
