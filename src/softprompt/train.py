@@ -33,7 +33,7 @@ from softprompt import prompts as prompts_mod
 from softprompt.batching import BatchPlan
 from softprompt.config import JobConfig
 from softprompt.dataset import Split
-from softprompt.engine import Prefix, label_scores, target_loss, to_device
+from softprompt.engine import Prefix, label_scores, recomputed_layers, target_loss, to_device
 from softprompt.metrics import classification_metrics
 from softprompt.modeling import LoadedModel
 from softprompt.scoring import score_split, shared_prefix
@@ -44,7 +44,14 @@ log = logging.getLogger(__name__)
 
 
 class TrainHooks(Protocol):
-    """Where a distributed runner plugs into the loop (see `softprompt.distributed`)."""
+    """Where a distributed runner plugs into the loop (Ray Train's `softprompt.ray.worker`, or
+    `softprompt.sharding.ShardedHooks` under torchrun).
+
+    Two more methods are optional, for a frozen base sharded over the ranks: `shard(model) -> Call`
+    shards it after the prompt was built from its embeddings and returns how to run code on it
+    (`softprompt.sharding`), and `sync_gradients(params)` averages the prompt's gradient before
+    the optimizer step (`wrap` then leaves the prompt alone).
+    """
 
     rank: int
     world_size: int
@@ -70,18 +77,6 @@ class TrainHooks(Protocol):
         """Optional: every rank's `obj`, in rank order, on every rank (`all_gather_object`). With
         it, each rank scores its share of the eval rows and all ranks reduce the same metrics;
         without it every rank scores all of them."""
-        ...
-
-    def shard(self, model: torch.nn.Module) -> Call:
-        """Optional: shard the frozen model over the ranks (after the prompt was built from its
-        embeddings) and return how to run code on it (`softprompt.sharding`); `wrap` then leaves
-        the prompt alone and `sync_gradients` averages its gradient. Without it every rank holds
-        the whole model."""
-        ...
-
-    def sync_gradients(self, params: list[torch.Tensor]) -> None:
-        """Optional: average the prompt's gradients over the ranks before the optimizer step
-        (needed when `wrap` does not, as under `shard`)."""
         ...
 
 
@@ -192,7 +187,8 @@ def run(
         for micro in range(tc.grad_accum):
             idx = plan.batch(step * tc.grad_accum + micro)
             last_micro = micro == tc.grad_accum - 1
-            with no_sync() if no_sync is not None and not last_micro else contextlib.nullcontext():
+            with (no_sync() if no_sync is not None and not last_micro else contextlib.nullcontext(),
+                  recomputed_layers(model, tc.activation_checkpointing)):
                 embeds = prompt.embeddings(module)
                 loss = call(_loss, Prefix(embeds=embeds), train, idx, verbalizer, pad_id) / tc.grad_accum
                 loss.backward()

@@ -27,7 +27,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any, per_node: int) -> None:
+def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any, per_node: int, ckpt: bool) -> None:
     import torch.distributed as dist
 
     from softprompt.sharding import ShardedHooks, device_mesh, local_parameter_bytes
@@ -40,17 +40,21 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any
         full = local_parameter_bytes(loaded.model)
         data = synthetic(loaded.tokenizer, 32)
         hooks = ShardedHooks(mesh=device_mesh("hsdp" if per_node < world else "fsdp", gpus_per_node=per_node))
-        result = train.run(syn_cfg(**STEPS), loaded, data, data, Path(out) / f"rank{rank}", resume=False, hooks=hooks)
+        cfg = syn_cfg(**STEPS, activation_checkpointing=ckpt)
+        result = train.run(cfg, loaded, data, data, Path(out) / f"rank{rank}", resume=False, hooks=hooks)
         queue.put((rank, full, local_parameter_bytes(loaded.model), result.best_metric, [r.get("train_loss") for r in result.history]))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("world", "per_node"), [(2, 2), (4, 2)], ids=["fsdp-2", "hsdp-2x2"])
-def test_ranks_with_the_base_sharded_train_the_one_process_prompt(tiny_model_dir: Path, tmp_path: Path, world: int, per_node: int) -> None:
+@pytest.mark.parametrize(("world", "per_node", "ckpt"), [(2, 2, False), (4, 2, True)], ids=["fsdp-2", "hsdp-2x2-checkpointed"])
+def test_ranks_with_the_base_sharded_train_the_one_process_prompt(
+    tiny_model_dir: Path, tmp_path: Path, world: int, per_node: int, ckpt: bool
+) -> None:
     """fsdp over 2 ranks, and hsdp on a 2x2 mesh (2 "nodes" of 2, sharded within a node, replicated
-    across): the same prompt, losses and eval metric as one process at the same global batch."""
+    across) with activation checkpointing: the same prompt, losses and eval metric as one process
+    at the same global batch."""
     loaded = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
     data = synthetic(loaded.tokenizer, 32)
     alone = train.run(syn_cfg(**STEPS), loaded, data, data, tmp_path / "alone", resume=False)
@@ -58,7 +62,7 @@ def test_ranks_with_the_base_sharded_train_the_one_process_prompt(tiny_model_dir
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, str(tiny_model_dir), str(tmp_path), queue, per_node)) for r in range(world)]
+    procs = [ctx.Process(target=_rank, args=(r, world, port, str(tiny_model_dir), str(tmp_path), queue, per_node, ckpt)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -73,3 +77,12 @@ def test_ranks_with_the_base_sharded_train_the_one_process_prompt(tiny_model_dir
     assert mean == pytest.approx([h.get("train_loss") for h in alone.history], rel=1e-4)
     sharded = load_prompt_embeddings(tmp_path / "rank0" / "adapter")
     torch.testing.assert_close(sharded, load_prompt_embeddings(alone.adapter_dir), rtol=1e-4, atol=1e-5)
+
+
+def test_activation_checkpointing_trains_the_same_prompt(tiny_model_dir: Path, tmp_path: Path) -> None:
+    loaded = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    data = synthetic(loaded.tokenizer, 16)
+    plain = train.run(syn_cfg(**STEPS), loaded, data, data, tmp_path / "plain", resume=False)
+    ckpt = train.run(syn_cfg(**STEPS, activation_checkpointing=True), loaded, data, data, tmp_path / "ckpt", resume=False)
+    torch.testing.assert_close(load_prompt_embeddings(ckpt.adapter_dir), load_prompt_embeddings(plain.adapter_dir), rtol=1e-5, atol=1e-6)
+    assert [h.get("train_loss") for h in ckpt.history] == pytest.approx([h.get("train_loss") for h in plain.history], rel=1e-5)

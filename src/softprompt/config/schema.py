@@ -153,6 +153,20 @@ class TrainConfig:
     """Seed for batching, initialization and dropout; CPU runs are bitwise deterministic."""
     log_every: int = 10
     """Record the training loss every N steps."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    activation memory stops growing with the number of layers, for about one more forward per step.
+    The gradient still reaches the prompt through every layer."""
+    sharding: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    """How distributed workers hold the frozen model. `ddp`: a whole copy each. `fsdp`: each of N
+    workers holds 1/N of every weight and gathers a layer's weights while it runs (FSDP2). `hsdp`:
+    sharded within a node, replicated across nodes (a 2-D mesh). The prompt is replicated in fp32
+    and its gradient averaged over all workers either way. One process ignores it."""
+    reshard_after_forward: bool = True
+    """fsdp/hsdp: free a layer's gathered weights after its forward and gather them again for the
+    backward (less memory, one more all-gather per layer); `false` keeps them until the backward."""
+    offload: bool = False
+    """fsdp/hsdp: keep the weight shards in host memory, copied to the device layer by layer."""
 
 
 @dataclass(frozen=True)
