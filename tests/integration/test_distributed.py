@@ -119,6 +119,20 @@ def test_worker_killed_mid_run_resumes_to_the_same_final_prompt(s3_run: dict[str
         assert ref[key].equal(got[key]), key
 
 
+def test_fsdp_workers_train_the_ddp_prompt(s3_run: dict[str, Any], tiny_task: TinyTask, tmp_path: Path) -> None:
+    """train.sharding=fsdp on the same two Ray Train workers, data and seeds as the DDP run: each
+    worker holds half of the frozen model, and the prompts agree (float tolerance: the sharded
+    forward gathers the same weights but reduces the gradient by hand)."""
+    cfg = tiny_task.config(*RUN, "train.sharding=fsdp")
+    result = distributed.fit(cfg, tiny_task.data_dir, tmp_path / "fsdp")
+    assert result.metrics["step"] == cfg.train.steps and result.best_metric == pytest.approx(s3_run["result"].best_metric)
+    reference = download_checkpoint(s3_run["result"].checkpoint_uri, tmp_path / "reference", s3_run["cfg"].s3)
+    ref = load_file(str(reference / "state.safetensors"))
+    got = load_file(str(Path(result.checkpoint_uri) / "state.safetensors"))
+    for key in ("prompt.embedding.weight", "best_embeds"):
+        assert got[key].allclose(ref[key], rtol=1e-4, atol=1e-5), key
+
+
 def _state_api() -> str:
     """This session's dashboard: without an explicit address, the State API auto-detects the Ray
     instance and fails when other Ray instances run on the same machine."""

@@ -2,7 +2,8 @@
 
 Every worker loads the model, materializes its shard of the training rows (Ray Data), restores the
 latest checkpoint Ray hands it, and runs `softprompt.train.run` with `_RayHooks`: DDP around the
-prompt, `ray.train.report` with rank 0's checkpoint after every evaluation, sharded evaluation with
+prompt (or, with `train.sharding` fsdp/hsdp, the frozen base sharded over the group and the
+prompt's gradient averaged by hand: `_RayShardedHooks`), `ray.train.report` with rank 0's checkpoint after every evaluation, sharded evaluation with
 all-gathered predictions, and Prometheus series (exported by Ray with the `ray_` prefix).
 
 A worker's local folder is fresh for every attempt and filled only from `ray.train.get_checkpoint()`,
@@ -64,7 +65,15 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         latest = ray.train.get_checkpoint()  # [ray] the latest reported one, after a failure or restore
         if latest is not None:
             latest.to_directory(str(work / checkpoint.CHECKPOINT_DIR))
-        hooks = _RayHooks(rank, world, str(config["trial"]), tuple(config.get("hold_at") or ()))
+        args = (rank, world, str(config["trial"]), tuple(config.get("hold_at") or ()))
+        hooks: _RayHooks = _RayHooks(*args)
+        if cfg.train.sharding != "ddp" and world > 1:
+            from softprompt.sharding import device_mesh
+
+            sharded = _RayShardedHooks(*args)
+            sharded.mesh = device_mesh(cfg.train.sharding, gpus_per_node=ctx.get_local_world_size(), device_type=loaded.device.type)  # [ray]
+            sharded.reshard_after_forward, sharded.offload = cfg.train.reshard_after_forward, cfg.train.offload
+            hooks = sharded
         result = train.run(cfg, loaded, rows, eval_rows, work, resume=True, hooks=hooks)
         stats = {
             "rank": rank, "rows": len(rows), "steps": result.steps, "seconds": result.seconds,
@@ -146,6 +155,28 @@ class _RayHooks:
         if time.monotonic() - self._window_start >= 5.0:  # a gauge sampled every 15s: smooth over ~5s
             m["tokens_per_second"].set(self._window_tokens / max(self._window_seconds, 1e-9), tags=self._tags)
             self._window_tokens, self._window_seconds, self._window_start = 0, 0.0, time.monotonic()
+
+
+class _RayShardedHooks(_RayHooks):
+    """`_RayHooks` with the frozen base sharded over the worker group (`train.sharding` fsdp or
+    hsdp, `softprompt.sharding`): no DDP around the prompt, its gradient averaged by hand."""
+
+    mesh: Any = None
+    reshard_after_forward = True
+    offload = False
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def shard(self, model: torch.nn.Module) -> Any:
+        from softprompt.sharding import shard_model
+
+        return shard_model(model, mesh=self.mesh, reshard_after_forward=self.reshard_after_forward, offload=self.offload)
+
+    def sync_gradients(self, params: list[torch.Tensor]) -> None:
+        from softprompt.sharding import all_reduce_gradients
+
+        all_reduce_gradients(params)
 
 
 _METRICS: dict[str, Any] = {}
