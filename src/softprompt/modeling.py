@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.config import ModelConfig, S3Config
-from softprompt.errors import ModelError
+from softprompt.errors import ModelError, SoftpromptError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,34 @@ def resolve_model_dir(cfg: ModelConfig, s3: S3Config | None = None) -> tuple[Pat
         raise ModelError(f"model.name={name!r} does not exist on this machine; check the path")
     # A hub id: let transformers download it (works only where the network allows).
     return Path(name), {"name": _short_name(name), "source": f"hub:{name}"}
+
+
+def model_config(cfg: ModelConfig, s3: S3Config | None = None) -> dict[str, Any]:
+    """The model's `config.json`, read without its weights where it can be: a local folder's file,
+    or the one object of an `s3://` prefix (the embedded and GGUF models are converted once first).
+
+    Raises:
+        ModelError: the config cannot be found or read (names where it looked).
+    """
+    if cfg.name.startswith("s3://"):
+        from softprompt.registry.store import open_store
+
+        s3 = s3 or S3Config()
+        try:
+            raw = open_store(cfg.name, endpoint_url=s3.endpoint, region=s3.region).get_bytes("config.json")
+        except SoftpromptError as exc:
+            raise ModelError(f"cannot read {cfg.name.rstrip('/')}/config.json: {exc}; it must be a Hugging Face model folder") from exc
+    else:
+        folder, _ = resolve_model_dir(cfg, s3)
+        try:
+            raw = (folder / "config.json").read_bytes()
+        except OSError as exc:
+            raise ModelError(f"cannot read {folder / 'config.json'}: {exc}; point model.name at a local model folder") from exc
+    try:
+        parsed: dict[str, Any] = json.loads(raw)
+    except ValueError as exc:
+        raise ModelError(f"the config.json of {cfg.name} is not JSON: {exc}") from exc
+    return parsed
 
 
 def load_tokenizer(cfg: ModelConfig, s3: S3Config | None = None) -> Any:

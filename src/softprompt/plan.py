@@ -29,12 +29,16 @@ Tokens per device are `batch x (seq_len + prompt_tokens)` where batch is the per
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from softprompt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from softprompt.config import JobConfig
 
 GiB = 1024**3
 Strategy = Literal["ddp", "fsdp", "hsdp"]
@@ -222,9 +226,10 @@ def check_fits(shape: ModelShape, layout: Layout, work: Workload, device_bytes: 
 def describe(est: Estimate) -> str:
     """The plan's settings as the config keys that choose them."""
     lay, work = est.layout, est.workload
-    parts = [f"ray.sharding={lay.strategy}", f"per-device batch {work.batch}", f"train.activation_checkpointing={str(work.checkpointing).lower()}"]
+    parts = [f"train.sharding={lay.strategy}", f"train.batch_size={work.batch * lay.world} ({work.batch} per device)",
+             f"train.activation_checkpointing={str(work.checkpointing).lower()}"]
     if lay.offload:
-        parts.append("ray.offload=true")
+        parts.append("train.offload=true")
     return ", ".join(parts)
 
 
@@ -240,8 +245,8 @@ def table(estimates: list[Estimate]) -> str:
 
 
 def gib(n: float) -> str:
-    """Bytes as GiB for people (two decimals)."""
-    return f"{n / GiB:.2f} GiB"
+    """Bytes for people: GiB with two decimals, MiB below one GiB."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 1024**2:.1f} MiB"
 
 
 def parse_bytes(text: str) -> int:
@@ -260,3 +265,57 @@ def parse_bytes(text: str) -> int:
         return int(float(number) * units[unit])
     except ValueError:
         raise ConfigError(f"memory size {text!r} is not understood; write it like 80GiB, 40GB or 512MiB") from None
+
+
+def job_layout(cfg: JobConfig, *, gpus_per_node: int = 8) -> Layout:
+    """The layout a job's Ray Train run asks for: `ray.num_workers` devices, `train.sharding`
+    (hsdp: nodes of `gpus_per_node`), `train.offload`."""
+    workers = max(1, cfg.ray.num_workers)
+    per_node = min(workers, gpus_per_node) if cfg.train.sharding == "hsdp" else workers
+    return Layout(cfg.train.sharding, nodes=max(1, workers // per_node), gpus_per_node=per_node, offload=cfg.train.offload)
+
+
+def job_workload(cfg: JobConfig, seq_len: int, *, dtype_bytes: int) -> Workload:
+    """What one device does per micro-step in a job: its share of `train.batch_size` (each worker
+    draws batch_size / workers rows), `seq_len` tokens, the prompt, checkpointing."""
+    per_device = max(1, math.ceil(cfg.train.batch_size / max(1, cfg.ray.num_workers)))
+    return Workload(batch=per_device, seq_len=seq_len, prompt_tokens=cfg.prompt.num_virtual_tokens,
+                    dtype_bytes=dtype_bytes, checkpointing=cfg.train.activation_checkpointing)
+
+
+def p95(lengths: list[int]) -> int:
+    """The 95th percentile of token lengths (at least 1)."""
+    if not lengths:
+        return 1
+    ordered = sorted(lengths)
+    return max(1, ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)])
+
+
+def preflight(
+    cfg: JobConfig, lengths: Callable[[], list[int]], *, gpu_bytes: int | None = None, where: str = "the run"
+) -> Estimate | None:
+    """Before any worker starts: refuse a GPU run that will not fit one GPU (`check_fits`).
+
+    Checked with `ray.use_gpu` only, against `ray.gpu_memory`, else `gpu_bytes` (a local GPU's);
+    without either nothing is checked (None).
+
+    Args:
+        cfg: The job configuration.
+        lengths: Reads the training rows' token lengths (their p95 is the planned length), only
+            when there is something to check.
+        gpu_bytes: A local GPU's memory, when there is one.
+        where: How messages name the run.
+
+    Raises:
+        ConfigError: the run will not fit (the numbers and the fix).
+    """
+    if not cfg.ray.use_gpu:
+        return None
+    device = parse_bytes(cfg.ray.gpu_memory) if cfg.ray.gpu_memory else gpu_bytes
+    if device is None:
+        return None
+    from softprompt.modeling import model_config
+
+    shape = ModelShape.from_config(model_config(cfg.model, cfg.s3))
+    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
+    return check_fits(shape, job_layout(cfg), job_workload(cfg, p95(lengths()), dtype_bytes=dtype_bytes), device, where=where)

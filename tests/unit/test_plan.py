@@ -96,7 +96,7 @@ def test_recommendation_and_refusal_for_a_70b_model() -> None:
         plan.check_fits(shape, layout, work, 80 * plan.GiB, where="configs/llama70b.yaml")
     message = str(refused.value)
     assert "configs/llama70b.yaml needs" in message and "weights 131." in message and "a device has 80.00 GiB" in message
-    assert "use ray.sharding=hsdp" in message
+    assert "use train.sharding=hsdp" in message
     small = plan.recommend(plan.ModelShape.from_config(SMOLLM2), plan.Layout(), plan.Workload(batch=16, seq_len=64), 80 * plan.GiB)
     assert small is not None and (small.layout.strategy, small.workload.checkpointing, small.workload.batch) == ("ddp", False, 16)
     one = plan.recommend(shape, plan.Layout("ddp"), work, 8 * plan.GiB)  # one 8 GiB device: only with the shards on the host
@@ -115,3 +115,33 @@ def test_config_and_size_errors_name_the_fix(tmp_path: Path) -> None:
     header, _, row = text.splitlines()
     assert header.split() == ["strategy", "batch", "ckpt", "weights", "gather", "activations", "backward", "head", "prompt", "total"]
     assert row.split()[:4] == ["fsdp", "2", "no", "16.43"]  # 70.6e9 params x 2 bytes / 8 devices
+
+
+def test_plan_command_prints_the_table_and_a_recommendation(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import DEMO_CONFIG, small_overrides
+    from softprompt.cli import main
+
+    assert main(["plan", "-c", str(DEMO_CONFIG), *small_overrides(tiny_model_dir, tmp_path), "--gpu-memory", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "to measure row lengths" in out and "tokens per row (p95)" in out  # ingested to measure
+    assert [line.split()[0] for line in out.splitlines() if line.startswith(("ddp ", "fsdp "))] == ["ddp", "ddp", "fsdp", "fsdp"]
+    assert "recommended: train.sharding=ddp, train.batch_size=" in out
+
+
+def test_a_gpu_run_that_cannot_fit_is_refused_before_ray_starts(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ray.gpu_memory` far below the plan: the Ray trainer refuses before connecting to Ray."""
+    from conftest import DEMO_CONFIG, small_overrides
+    from softprompt import dataset as ds
+    from softprompt.config import load_config
+    from softprompt.job import Models
+    from softprompt.ray import trainers
+
+    cfg = load_config(DEMO_CONFIG, [*small_overrides(tiny_model_dir, tmp_path), "ray.use_gpu=true", "ray.num_workers=1", "ray.gpu_memory=1MiB"])
+    data = tmp_path / "data"
+    ds.write_split(data, "train", ds.Split(input_ids=[[1] * 40] * 10, label_ids=[0] * 10))
+    monkeypatch.setattr(trainers.cluster, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    with pytest.raises(ConfigError) as refused:
+        trainers.RayTrainTrainer(echo=lambda line: None).train(cfg, data, tmp_path, Models(cfg))
+    message = str(refused.value)
+    assert "this run (1 workers, train.sharding=ddp) needs" in message and "a device has 1.0 MiB" in message
+    assert "; use train.sharding=ddp, train.batch_size=" in message  # the plan that fits: fewer rows per step

@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared data folder or s3:// prefix (default <run-dir>/data)")
     _ray_flags(p)
     p.set_defaults(func=cmd_tune)
+    p = stage("plan", "memory per device for each sharding strategy, from the model's config alone; recommends a plan")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, help="devices per node (default: ray.num_workers)")
+    p.add_argument("--gpu-memory", default=None, help="memory of one device, e.g. 80GiB (default: ray.gpu_memory, else 80GiB)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: the p95 of the prepared training rows; ingests them if needed)")
+    p.set_defaults(func=cmd_plan)
     p = stage("run", "ingest -> train (or tune, through Ray) -> evaluate -> publish, from one config")
     p.add_argument("--no-publish", action="store_true", help="stop after evaluate")
     _ray_flags(p)
@@ -131,6 +137,49 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 2
     print(f"ok: {args.config or 'defaults'} is valid (task {cfg.task.name}, model {cfg.model.name})")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """`softprompt plan`: the memory planner's table and recommendation."""
+    from softprompt import plan
+    from softprompt.modeling import model_config
+
+    cfg = _config(args)
+    shape = plan.ModelShape.from_config(model_config(cfg.model, cfg.s3))
+    per_node = args.gpus_per_node or max(1, cfg.ray.num_workers)
+    device = plan.parse_bytes(args.gpu_memory or cfg.ray.gpu_memory or "80GiB")
+    seq_len = args.seq_len or plan.p95(_train_lengths(cfg, _run_dir(cfg, args)))
+    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
+    work = plan.job_workload(cfg, seq_len, dtype_bytes=dtype_bytes)
+    work = plan.replace(work, batch=max(1, -(-cfg.train.batch_size // (args.nodes * per_node))))
+    layout = plan.Layout("ddp", nodes=args.nodes, gpus_per_node=per_node)
+    print(f"{cfg.model.name}: {shape.num_parameters / 1e9:.2f}B parameters, {shape.layers} layers, hidden {shape.hidden}; "
+          f"{args.nodes} x {per_node} devices of {plan.gib(device)}; {seq_len} tokens per row (p95) + {work.prompt_tokens} virtual, "
+          f"{work.batch} rows per device, weights in {'fp32' if dtype_bytes == 4 else 'bf16'}")
+    strategies = plan.STRATEGIES if args.nodes > 1 else plan.STRATEGIES[:2]
+    rows = [plan.estimate(shape, plan.replace(layout, strategy=st), plan.replace(work, checkpointing=ck)) for st in strategies for ck in (False, True)]
+    print(plan.table(rows))
+    best = plan.recommend(shape, layout, work, device)
+    if best is None:
+        print(f"nothing fits {plan.gib(device)} per device, even fsdp with offload and batch 1; use more or larger devices")
+        return 1
+    print(f"recommended: {plan.describe(best)} ({plan.gib(best.total_bytes)} of {plan.gib(device)} per device)")
+    return 0
+
+
+def _train_lengths(cfg: JobConfig, run_dir: Path) -> list[int]:
+    """Token lengths of the training rows: the run folder's prepared data, else a fresh ingest into a temporary folder."""
+    import tempfile
+
+    from softprompt import dataset as ds
+    from softprompt import ingest
+
+    if ds.has_split(run_dir / "data", "train"):
+        return list(ds.read_split(run_dir / "data", "train").lengths)
+    print(f"ingesting {cfg.data.train} to measure row lengths (pass --seq-len to skip)")
+    with tempfile.TemporaryDirectory(prefix="softprompt-plan-") as tmp:
+        ingest.run(cfg, Path(tmp))
+        return list(ds.read_split(tmp, "train").lengths)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

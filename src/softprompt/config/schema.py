@@ -239,6 +239,11 @@ class RayConfig:
     on the same GPU, and NCCL refuses that ("Duplicate GPU detected")."""
     accelerator_type: str | None = None
     """Only schedule workers on nodes with this accelerator (e.g. `A100`, `H100`); `null`: any."""
+    gpu_memory: str | None = None
+    """Memory of one worker's GPU (e.g. `80GiB`). With `use_gpu`, a run whose planned memory per GPU
+    (`softprompt plan`: weights per shard, activations at the data's p95 length, prompt and
+    optimizer) exceeds it is refused before any worker starts, naming the plan that fits. `null`:
+    not checked (a local GPU's memory is read from the device)."""
     num_cpus: int | None = None
     """Logical CPUs of a local Ray started by this command; `null` uses every core. Ignored when
     joining a cluster."""

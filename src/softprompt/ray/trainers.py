@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from softprompt import checkpoint, evaluate
+from softprompt import checkpoint, evaluate, plan
+from softprompt import dataset as ds
 from softprompt.config import JobConfig, with_values
 from softprompt.errors import SoftpromptError
 from softprompt.evaluate import EvaluateResult
@@ -27,6 +28,7 @@ from softprompt.job import Models
 from softprompt.outcome import TrainOutcome
 from softprompt.ray import cluster, finish, tune
 from softprompt.ray import train as ray_train
+from softprompt.uris import is_s3
 
 WINNERS_DIR = "winners"
 
@@ -38,6 +40,19 @@ class _AfterTraining:
     address: str | None
     echo: Callable[[str], None]
     _host: finish.ModelHost | None = None
+
+    def _preflight(self, cfg: JobConfig, data: str | Path) -> None:
+        """Refuse, before any worker starts, a GPU run that will not fit one GPU (`plan.preflight`)."""
+        def lengths() -> list[int]:
+            return [cfg.data.max_tokens] if is_s3(str(data)) else list(ds.read_split(data, "train").lengths)
+
+        local_gpu = None
+        if cfg.ray.use_gpu and not joins_cluster(self.address, cfg):
+            import torch
+
+            if torch.cuda.is_available():
+                local_gpu = int(torch.cuda.get_device_properties(0).total_memory)
+        plan.preflight(cfg, lengths, gpu_bytes=local_gpu, where=f"this run ({cfg.ray.num_workers} workers, train.sharding={cfg.train.sharding})")
 
     def _on_worker(self, cfg: JobConfig) -> bool:
         return finish.on_worker(cfg, joins_cluster(self.address, cfg))
@@ -80,6 +95,7 @@ class RayTrainTrainer(_AfterTraining):
 
     def train(self, cfg: JobConfig, data: str | Path, run_dir: Path, models: Models) -> TrainOutcome:
         """One `fit`, then its checkpoint's prompt as `<run_dir>/train/adapter`."""
+        self._preflight(cfg, data)
         self.echo(cluster.init_ray(cfg.ray, self.address, tuning=False))
         fit = ray_train.fit(cfg, data, run_dir)
         if fit.checkpoint_uri is None:
@@ -104,6 +120,7 @@ class RayTuneTrainer(_AfterTraining):
 
     def train(self, cfg: JobConfig, data: str | Path, run_dir: Path, models: Models) -> TrainOutcome:
         """The sweep, then each winner's prompt as `<run_dir>/train/winners/<rank>/adapter`, best first."""
+        self._preflight(cfg, data)
         self.echo(cluster.init_ray(cfg.ray, self.address, tuning=True))
         sweep = tune.run(cfg, data, run_dir, progress=self.progress, echo=self.echo, joined=joins_cluster(self.address, cfg))
         self.echo(sweep.table())
