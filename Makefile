@@ -23,7 +23,16 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/softprompt run -c configs/demo.yaml
 
+# The dashboard test drives Debian's chromium through chromedriver (tests/integration/test_dashboard_browser.py):
+# installed here when missing and this user can (root with apt-get); otherwise that test skips, saying why.
 test: install
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "WARNING: chromium and chromium-driver are missing and cannot be installed here (not root, or no apt-get)"; \
+	  fi; \
+	fi
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install

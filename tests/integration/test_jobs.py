@@ -63,6 +63,9 @@ def ray_head(tmp_path: Path) -> Iterator[str]:
             if attempt == 2:
                 raise
             continue
+        except BaseException:  # anything else (an auth error, Ctrl-C): never leave the head running
+            head.stop()
+            raise
         try:
             yield url
         finally:

@@ -68,7 +68,7 @@ def check_fits(rc: RayConfig, *, tuning: bool) -> None:
         )
 
 
-def init_ray(rc: RayConfig, address: str | None = None, *, tuning: bool = True) -> str:
+def init_ray(rc: RayConfig, address: str | None = None, *, tuning: bool = True, job_config: Any = None) -> str:
     """Connect this process to Ray.
 
     Args:
@@ -78,6 +78,8 @@ def init_ray(rc: RayConfig, address: str | None = None, *, tuning: bool = True) 
             dashboard (inside a Ray Job it joins the job's cluster); `auto` or `HOST:PORT` joins.
         tuning: Runs will be Tune trials (each adds a trial's sliver of a CPU), for the check that
             one run fits a local Ray.
+        job_config: This driver's `ray.job_config.JobConfig` (`softprompt.ray.dashboard.job_config`
+            names its Ray job after the run in the dashboard); None for Ray's default.
 
     Returns:
         One line for people: what was started or joined, and the dashboard URL.
@@ -96,7 +98,7 @@ def init_ray(rc: RayConfig, address: str | None = None, *, tuning: bool = True) 
     log_level = _route_ray_output()
     try:
         if target:
-            ctx = ray.init(address=target, logging_level=log_level)
+            ctx = ray.init(address=target, logging_level=log_level, job_config=job_config)
             what = f"joined Ray at {target}"
         else:
             # The dashboard stays on: a trial that ASHA stops is killed with its Train controller,
@@ -119,7 +121,7 @@ def init_ray(rc: RayConfig, address: str | None = None, *, tuning: bool = True) 
             try:
                 ctx = ray.init(
                     num_cpus=local_num_cpus(rc), include_dashboard=rc.dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
-                    logging_level=log_level,
+                    logging_level=log_level, job_config=job_config,
                 )
             finally:
                 notice.setLevel(level)

@@ -89,7 +89,8 @@ def submit(cfg: JobConfig, command: str, address: str, *, run_dir: str | None = 
         with tempfile.TemporaryDirectory(prefix="softprompt-job-") as tmp:
             (Path(tmp) / JOB_CONFIG).write_text(yaml.safe_dump(to_dict(job_cfg), sort_keys=False))
             submit_job(client, address, sid, entrypoint, runtime_env={"working_dir": tmp},
-                       metadata={"softprompt_command": command, "softprompt_run": str(job_cfg.run_name)})
+                       metadata={"softprompt_command": command, "softprompt_run": str(job_cfg.run_name),
+                                 "job_name": str(job_cfg.run_name or sid)})  # the dashboard's Jobs "Name" column
     return follow(client, sid)
 
 

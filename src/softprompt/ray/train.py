@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from softprompt import checkpoint
 from softprompt.config import JobConfig, RayConfig, replace, to_dict, with_values
 from softprompt.errors import DataError, SoftpromptError
+from softprompt.ray import monitor
 from softprompt.ray.storage import (
     checkpoint_uri,
     download_checkpoint,
@@ -167,7 +168,9 @@ def fit(
     try:
         # Train V2 takes the start timeout from this process's environment when fit() creates its
         # controller; set only for the call, so the rest of the process keeps its own value.
-        with scoped_env(START_TIMEOUT_ENV, str(rc.worker_start_timeout_s)):
+        # A Tune trial's run is watched by the sweep's driver; a run of its own, by this driver.
+        watch = contextlib.nullcontext() if report_to_tune else monitor.live(run_dir)
+        with scoped_env(START_TIMEOUT_ENV, str(rc.worker_start_timeout_s)), watch:
             result = trainer.fit()
     except rt.TrainingFailedError as exc:
         raise SoftpromptError(f"Ray Train run {name!r} failed after {rc.max_failures} retries (storage {where}): {exc}") from exc

@@ -26,7 +26,7 @@ from softprompt.errors import SoftpromptError
 from softprompt.evaluate import EvaluateResult
 from softprompt.job import Models
 from softprompt.outcome import TrainOutcome
-from softprompt.ray import cluster, finish, tune
+from softprompt.ray import cluster, dashboard, finish, tune
 from softprompt.ray import train as ray_train
 from softprompt.uris import is_s3
 
@@ -96,7 +96,7 @@ class RayTrainTrainer(_AfterTraining):
     def train(self, cfg: JobConfig, data: str | Path, run_dir: Path, models: Models) -> TrainOutcome:
         """One `fit`, then its checkpoint's prompt as `<run_dir>/train/adapter`."""
         self._preflight(cfg, data)
-        self.echo(cluster.init_ray(cfg.ray, self.address, tuning=False))
+        self.echo(cluster.init_ray(cfg.ray, self.address, tuning=False, job_config=dashboard.job_config(cfg, run_dir, "ray-train")))
         fit = ray_train.fit(cfg, data, run_dir)
         if fit.checkpoint_uri is None:
             raise SoftpromptError(f"the Ray Train run {fit.name} reported no checkpoint; is there an eval split in {data}?")
@@ -121,7 +121,7 @@ class RayTuneTrainer(_AfterTraining):
     def train(self, cfg: JobConfig, data: str | Path, run_dir: Path, models: Models) -> TrainOutcome:
         """The sweep, then each winner's prompt as `<run_dir>/train/winners/<rank>/adapter`, best first."""
         self._preflight(cfg, data)
-        self.echo(cluster.init_ray(cfg.ray, self.address, tuning=True))
+        self.echo(cluster.init_ray(cfg.ray, self.address, tuning=True, job_config=dashboard.job_config(cfg, run_dir, "ray-tune")))
         sweep = tune.run(cfg, data, run_dir, progress=self.progress, echo=self.echo, joined=joins_cluster(self.address, cfg))
         self.echo(sweep.table())
         out = Path(run_dir) / "train"

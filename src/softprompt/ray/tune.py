@@ -30,7 +30,7 @@ from typing import Any
 
 from softprompt.config import JobConfig, config_from_dict, replace, to_dict
 from softprompt.errors import ConfigError, SoftpromptError
-from softprompt.ray import asha, sweep_state
+from softprompt.ray import asha, dashboard, monitor, sweep_state
 from softprompt.ray import train as ray_train
 from softprompt.ray.cluster import TRIAL_CPU, run_reservation
 from softprompt.ray.storage import checkpoint_uri, storage_location
@@ -151,11 +151,6 @@ def run(
     experiment_path = f"{storage_path}/{EXPERIMENT}"
     experiment_uri = checkpoint_uri(experiment_path, cfg.ray)
     data = ray_train.open_datasets(cfg, data_uri)
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(_trial, cfg_dict=to_dict(trial_cfg), run_dir=str(run_dir), data=data),
-        # The trial function only drives its TorchTrainer; the workers reserve the real resources.
-        {"cpu": TRIAL_CPU},
-    )
     view = LiveView(metric, max(1, t.num_samples), trial_cfg.train.steps, enabled=progress)
     sweep_file = Path(run_dir) / "train" / "sweep_config.json"
     sweep = {k: v for k, v in to_dict(trial_cfg).items() if k != "ray"}  # where it runs may change, not what
@@ -168,6 +163,12 @@ def run(
         if not restore:
             echo(f"the sweep in {experiment_uri} has no record of its files in this run folder ({sweep_state.RECORD}), so "
                  "it cannot be verified and is not restored; starting over")
+    trial_fn = ray.tune.with_parameters(_trial, cfg_dict=to_dict(trial_cfg), run_dir=str(run_dir), data=data)
+    # Tune names the trainable, and reprs every trial's actor, after the function: the run's name
+    # finds the trials in the dashboard's actor tables (softprompt.ray.dashboard).
+    trial_fn.__name__ = dashboard.sweep_label(run_dir, restoring=restore)
+    # The trial function only drives its TorchTrainer; the workers reserve the real resources.
+    trainable = ray.tune.with_resources(trial_fn, {"cpu": TRIAL_CPU})
     if restore:
         echo(f"resuming the sweep in {experiment_uri} (finished trials are kept)")
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
@@ -195,8 +196,10 @@ def run(
         )
     echo(f"tune: {max(1, t.num_samples)} trial(s), {concurrency} at a time, {cfg.ray.num_workers} Ray Train worker(s) each; "
           f"{t.search} search, scheduler {t.scheduler}; ranking on eval {metric}")
+    echo(f"live metrics: {run_dir / monitor.PAGE} (open it in a browser; it reloads itself)")
     try:
-        grid = tuner.fit()
+        with monitor.live(run_dir):
+            grid = tuner.fit()
     finally:
         sweep_state.record(experiment_path, fs, run_dir)
     trials = _summaries(grid, trial_cfg, cfg.ray)
