@@ -99,6 +99,7 @@ def _agent_port_held() -> int | None:
     from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT as port
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the agent binds: a closed one's TIME_WAIT is no holder
         try:
             s.bind(("0.0.0.0", port))
         except OSError:
