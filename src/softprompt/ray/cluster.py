@@ -164,9 +164,9 @@ def _route_ray_output() -> int:
     """
     if console.active() is None:
         return console.ray_log_level()
-    import ray._private.log as ray_log
-    import ray._private.worker as ray_worker
+    from softprompt.ray import internals
 
+    ray_worker = internals.driver_output_sink()
     if not getattr(ray_worker.print_to_stdstream, "_softprompt", False):
         original_print = ray_worker.print_to_stdstream
 
@@ -184,7 +184,7 @@ def _route_ray_output() -> int:
 
         to_ray_log._softprompt = True  # type: ignore[attr-defined]
         ray_worker.print_to_stdstream = to_ray_log
-    handler_class = ray_log.PlainRayHandler
+    handler_class = internals.console_handler_class()
     if not getattr(handler_class.emit, "_softprompt", False):
         original_emit = handler_class.emit
 
@@ -197,7 +197,7 @@ def _route_ray_output() -> int:
                 sink.handle(record)
 
         emit._softprompt = True  # type: ignore[attr-defined]
-        handler_class.emit = emit  # type: ignore[method-assign]
+        handler_class.emit = emit
     return console.ray_log_level()
 
 

@@ -8,7 +8,9 @@ ASHA paper's promotion rule, `softprompt.ray.asha`) or by a quiet console:
 - `TuneController._mark_trial_to_checkpoint`: a paused trial the scheduler stops has no live actor,
   and Ray 2.60 would otherwise save the sweep with it still paused (a restore would rerun it);
 - `Trial.set_status` on a trial that `Tuner.restore` re-queued: it goes back to waiting at its rung;
-- the logger of Ray Train V2's per-report line, named by its file path (`ray.train_log_level`).
+- the logger of Ray Train V2's per-report line, named by its file path (`ray.train_log_level`);
+- the driver's sink for forwarded worker output and the console handler of Ray's loggers, which a
+  run's console sends to its log files (`softprompt.console`, `softprompt.ray.cluster`).
 
 `tests/unit/test_ray_internals.py` fails when the installed Ray is not `PINNED_RAY` or lacks any
 of them, so a Ray upgrade is a conscious change: re-read these against the new sources (Ray's own
@@ -60,6 +62,21 @@ def train_report_logger() -> str:
     return str(context.__file__)
 
 
+def driver_output_sink() -> Any:
+    """The module whose `print_to_stdstream` is the driver's sink for what Ray forwards from its
+    workers, actors and raylet (`ray._private.worker`); `softprompt.ray.cluster` routes it to a run's logs."""
+    import ray._private.worker as ray_worker
+
+    return ray_worker
+
+
+def console_handler_class() -> Any:
+    """`ray._private.log.PlainRayHandler`, the console handler of every Ray logger."""
+    import ray._private.log as ray_log
+
+    return ray_log.PlainRayHandler
+
+
 def problems() -> list[str]:
     """What does not match in the installed Ray: its version, or a missing private API."""
     import ray
@@ -86,4 +103,10 @@ def problems() -> list[str]:
         train_report_logger()
     except ImportError as exc:
         found.append(f"ray.train.v2._internal.execution.context is gone ({exc})")
+    sink = driver_output_sink()
+    for name in ("print_to_stdstream", "filter_autoscaler_events"):
+        if not callable(getattr(sink, name, None)):
+            found.append(f"ray._private.worker.{name} is gone")
+    if not callable(getattr(console_handler_class(), "emit", None)):
+        found.append("ray._private.log.PlainRayHandler.emit is gone")
     return found
