@@ -119,21 +119,14 @@ def local_parameter_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-class ShardedHooks:
-    """`softprompt.train.TrainHooks` for ranks of a `torch.distributed` process group (torchrun, or a
-    Ray Train worker group) training with the frozen base sharded (`shard_model`).
+class ShardedSeams:
+    """The `TrainHooks` seams of a sharded base, for any hooks class to mix in (`ShardedHooks` here,
+    the Ray Train worker's hooks): the prompt left unwrapped, the model sharded over `mesh`, the
+    prompt's gradient averaged over every rank."""
 
-    Every rank holds all training rows and takes its slice of each global batch (`presharded`
-    False), unless the runner hands each rank its own rows.
-    """
-
-    def __init__(self, *, mesh: Any = None, presharded: bool = False, reshard_after_forward: bool = True, offload: bool = False) -> None:
-        import torch.distributed as dist
-
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.presharded, self.mesh = presharded, mesh
-        self.reshard_after_forward, self.offload = reshard_after_forward, offload
-        self.reports: list[dict[str, Any]] = []
+    mesh: Any = None
+    reshard_after_forward: bool = True
+    offload: bool = False
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """The prompt stays as it is: its gradient is averaged by `sync_gradients`."""
@@ -146,6 +139,23 @@ class ShardedHooks:
     def sync_gradients(self, params: list[torch.Tensor]) -> None:
         """`all_reduce_gradients`."""
         all_reduce_gradients(params)
+
+
+class ShardedHooks(ShardedSeams):
+    """`softprompt.train.TrainHooks` for ranks of a `torch.distributed` process group (torchrun)
+    training with the frozen base sharded (`shard_model`).
+
+    Every rank holds all training rows and takes its slice of each global batch (`presharded`
+    False), unless the runner hands each rank its own rows.
+    """
+
+    def __init__(self, *, mesh: Any = None, presharded: bool = False, reshard_after_forward: bool = True, offload: bool = False) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.presharded, self.mesh = presharded, mesh
+        self.reshard_after_forward, self.offload = reshard_after_forward, offload
+        self.reports: list[dict[str, Any]] = []
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order."""

@@ -26,6 +26,7 @@ from softprompt import checkpoint, train
 from softprompt.config import config_from_dict
 from softprompt.errors import DataError
 from softprompt.ray import internals
+from softprompt.sharding import ShardedSeams
 
 if TYPE_CHECKING:
     import torch
@@ -157,26 +158,9 @@ class _RayHooks:
             self._window_tokens, self._window_seconds, self._window_start = 0, 0.0, time.monotonic()
 
 
-class _RayShardedHooks(_RayHooks):
+class _RayShardedHooks(ShardedSeams, _RayHooks):
     """`_RayHooks` with the frozen base sharded over the worker group (`train.sharding` fsdp or
     hsdp, `softprompt.sharding`): no DDP around the prompt, its gradient averaged by hand."""
-
-    mesh: Any = None
-    reshard_after_forward = True
-    offload = False
-
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-    def shard(self, model: torch.nn.Module) -> Any:
-        from softprompt.sharding import shard_model
-
-        return shard_model(model, mesh=self.mesh, reshard_after_forward=self.reshard_after_forward, offload=self.offload)
-
-    def sync_gradients(self, params: list[torch.Tensor]) -> None:
-        from softprompt.sharding import all_reduce_gradients
-
-        all_reduce_gradients(params)
 
 
 _METRICS: dict[str, Any] = {}
