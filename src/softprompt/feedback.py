@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from softprompt.errors import SoftpromptError
-from softprompt.predlog import id_time, new_id
+from softprompt.predlog import drop_records, id_time, new_id
 from softprompt.registry.store import ArtifactStore
 
 PREFIX = "_feedback"
@@ -140,18 +140,7 @@ class FeedbackStore:
     def delete(self, *, ids: Sequence[str] = (), subject: str | None = None) -> int:
         """Remove records by feedback id or by subject; returns how many went."""
         wanted = set(ids)
-        removed = 0
-        for key in self.store.list(f"{self.task}/{PREFIX}/"):
-            lines = [line for line in self.store.get_bytes(key).decode().splitlines() if line.strip()]
-            kept = [line for line in lines if not _matches(json.loads(line), wanted, subject)]
-            if len(kept) == len(lines):
-                continue
-            removed += len(lines) - len(kept)
-            if kept:
-                self.store.put_bytes(key, ("\n".join(kept) + "\n").encode())
-            else:
-                self.store.delete(key)
-        return removed
+        return drop_records(self.store, f"{self.task}/{PREFIX}/", lambda rec: _matches(rec, wanted, subject))
 
     def _validate(self, row: int, item: Mapping[str, Any], client: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         if not isinstance(item, Mapping):

@@ -242,21 +242,26 @@ def delete(store: ArtifactStore, task: str, ids: Sequence[str]) -> int:
     Raises:
         ConfigError: an id is malformed (nothing is deleted then).
     """
-    by_partition: dict[str, set[str]] = {}
-    for pid in ids:
-        by_partition.setdefault(partition(task, id_time(pid)), set()).add(pid)
+    partitions = {partition(task, id_time(pid)) for pid in ids}  # id_time refuses a malformed id first
+    wanted = set(ids)
+    return sum(drop_records(store, prefix, lambda rec: rec["id"] in wanted) for prefix in partitions)
+
+
+def drop_records(store: ArtifactStore, prefix: str, drop: Callable[[dict[str, Any]], bool]) -> int:
+    """Rewrite the JSON-lines objects under `prefix` without the records `drop` picks (an object
+    left empty is deleted; untouched objects are not rewritten); returns how many records went.
+    The only rewrite of these append-only logs: erasure."""
     removed = 0
-    for prefix, wanted in by_partition.items():
-        for key in store.list(prefix):
-            lines = store.get_bytes(key).decode().splitlines(keepends=True)
-            kept = [line for line in lines if not line.strip() or json.loads(line)["id"] not in wanted]
-            if len(kept) == len(lines):
-                continue
-            removed += len(lines) - len(kept)
-            if any(line.strip() for line in kept):
-                store.put_bytes(key, "".join(kept).encode())
-            else:
-                store.delete(key)
+    for key in store.list(prefix):
+        lines = [line for line in store.get_bytes(key).decode().splitlines() if line.strip()]
+        kept = [line for line in lines if not drop(json.loads(line))]
+        if len(kept) == len(lines):
+            continue
+        removed += len(lines) - len(kept)
+        if kept:
+            store.put_bytes(key, ("\n".join(kept) + "\n").encode())
+        else:
+            store.delete(key)
     return removed
 
 
