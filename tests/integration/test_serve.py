@@ -88,10 +88,12 @@ def start_app(specs: list[str], cfg: ServeConfig, token: str | None = None, s3_e
     """Start Ray Serve on a free loopback port with our application; returns its base URL."""
     from ray import serve
 
+    from softprompt.ray.internals import serve_http_options
     from softprompt.ray.serving import APP_NAME, build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": cfg.request_timeout_s, "keep_alive_timeout_s": 5})
+    assert serve_http_options() == {"host": "127.0.0.1", "port": port}, "a Serve left running by an earlier test kept its own port"
     serve.run(build_app(specs, cfg, token=token, model_name="tiny", s3_endpoint=s3_endpoint), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
@@ -104,9 +106,17 @@ def call(url: str, body: Any = None, *, raw: bytes | None = None, method: str | 
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read()), dict(response.headers)
+            return response.status, _body(response.read()), dict(response.headers)
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
+        return exc.code, _body(exc.read()), dict(exc.headers)
+
+
+def _body(raw: bytes) -> Any:
+    """A JSON answer, or Ray Serve's own plain-text one (a route not yet known to its proxy) as {"text": ...}."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {"text": raw.decode("utf-8", "replace")}
 
 
 def same(got: list[dict[str, Any]], want: list[predict.Prediction]) -> None:

@@ -10,7 +10,9 @@ ASHA paper's promotion rule, `softprompt.ray.asha`) or by a quiet console:
 - `Trial.set_status` on a trial that `Tuner.restore` re-queued: it goes back to waiting at its rung;
 - the logger of Ray Train V2's per-report line, named by its file path (`ray.train_log_level`);
 - the driver's sink for forwarded worker output and the console handler of Ray's loggers, which a
-  run's console sends to its log files (`softprompt.console`, `softprompt.ray.cluster`).
+  run's console sends to its log files (`softprompt.console`, `softprompt.ray.cluster`);
+- the HTTP options of a Serve instance already running on the cluster (`serve.start` silently ignores
+  a different port there), so `softprompt serve` prints the address it really listens on.
 
 `tests/unit/test_ray_internals.py` fails when the installed Ray is not `PINNED_RAY` or lacks any
 of them, so a Ray upgrade is a conscious change: re-read these against the new sources (Ray's own
@@ -77,6 +79,16 @@ def console_handler_class() -> Any:
     return ray_log.PlainRayHandler
 
 
+def serve_http_options() -> dict[str, Any] | None:
+    """The host and port of the Ray Serve instance already running on the connected cluster, or None."""
+    from ray.serve import context
+
+    client = context._get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    return {"host": client.http_config.host, "port": int(client.http_config.port)}
+
+
 def problems() -> list[str]:
     """What does not match in the installed Ray: its version, or a missing private API."""
     import ray
@@ -107,6 +119,13 @@ def problems() -> list[str]:
     for name in ("print_to_stdstream", "filter_autoscaler_events"):
         if not callable(getattr(sink, name, None)):
             found.append(f"ray._private.worker.{name} is gone")
+    from ray.serve import context
+    from ray.serve._private.client import ServeControllerClient
+
+    if "raise_if_no_controller_running" not in inspect.signature(context._get_global_client).parameters:
+        found.append("ray.serve.context._get_global_client no longer takes raise_if_no_controller_running")
+    if not isinstance(getattr(ServeControllerClient, "http_config", None), property):
+        found.append("ray.serve._private.client.ServeControllerClient.http_config is gone")
     if not callable(getattr(console_handler_class(), "emit", None)):
         found.append("ray._private.log.PlainRayHandler.emit is gone")
     return found

@@ -45,6 +45,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from softprompt.serve.config import TOKEN_ENV, ServeConfig
+from softprompt.serve.live import log_location
 from softprompt.serve.predictor import Predictor, Row
 from softprompt.serve.requests import ROUTES, RequestError, describe_prompt, parse_length, parse_request
 
@@ -215,7 +216,7 @@ def build_app(specs: Sequence[str], cfg: ServeConfig, *, model: str | None = Non
         options["num_replicas"] = cfg.min_replicas
     token_sha256 = hashlib.sha256(token.encode()).hexdigest() if token else None  # the replicas never hold the token
     return PromptDeployment.options(**options).bind(  # type: ignore[attr-defined]
-        list(specs), cfg, model, s3_endpoint, token_sha256, log_location(specs, cfg))
+        list(specs), cfg, model, s3_endpoint, token_sha256, log_location(specs, cfg.prediction_log))
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -251,35 +252,35 @@ def _model_name(specs: Sequence[str]) -> str:
     return parts[-2] if len(parts) >= 3 else "model"
 
 
-def log_location(specs: Sequence[str], cfg: ServeConfig) -> str | None:
-    """The registry the prediction log writes to (`serve.prediction_log`), or None for no log."""
-    from softprompt.serve.live import registry_root
-
-    if cfg.prediction_log == "off":
-        return None
-    if cfg.prediction_log != "auto":
-        return cfg.prediction_log
-    for spec in specs:
-        ref = spec.partition("=")[2] if "=" in spec and not spec.startswith("s3://") else spec
-        root = registry_root(ref)
-        if root:
-            return root
-    return None
-
-
 def run(specs: Sequence[str], cfg: ServeConfig, *, model: str | None = None, s3_endpoint: str | None = None,
         ray_address: str | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C on a local Ray this starts (or the cluster at `ray_address`);
-    then delete the application, its replicas given `serve.shutdown_s` to answer what they hold."""
+    then delete the application, its replicas given `serve.shutdown_s` to answer what they hold.
+
+    On a cluster where Ray Serve already runs, the application joins it (on Serve's own address,
+    printed) and only the application is deleted at the end; Serve itself stays for its other users.
+
+    Raises:
+        ConfigError: the cluster's Serve already runs an application of this name (another
+            `softprompt serve`), which this would silently replace.
+    """
     import ray
 
     from softprompt.config import RayConfig
+    from softprompt.errors import ConfigError
     from softprompt.predict import resolve_prompts
     from softprompt.ray.cluster import init_ray
+    from softprompt.ray.internals import serve_http_options
 
     refs = resolve_prompts(specs, s3_endpoint=s3_endpoint)  # a bad reference fails here, before Ray starts
     token = os.environ.get(TOKEN_ENV) or None
     print(init_ray(RayConfig(), ray_address, tuning=False), flush=True)
+    existing = serve_http_options()
+    if existing is not None and APP_NAME in serve.status().applications:
+        ray.shutdown()
+        raise ConfigError(f"Ray Serve on this cluster already runs an application named {APP_NAME!r} (another softprompt serve, "
+                          f"http://{existing['host']}:{existing['port']}); stop that one first (Ctrl-C it, or `serve shutdown` / "
+                          f"`serve.delete({APP_NAME!r})`), or serve these prompts from it")
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -287,22 +288,26 @@ def run(specs: Sequence[str], cfg: ServeConfig, *, model: str | None = None, s3_
         app = build_app(specs, cfg, model=model, s3_endpoint=s3_endpoint, token=token, model_name=model or refs[0].cfg.model.name)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         names = ", ".join(f"{r.name} ({r.cfg.task.name})" for r in refs)
-        where = log_location(specs, cfg)
+        where = log_location(specs, cfg.prediction_log)
         print(f"serving {len(refs)} prompts: {names}; prediction log: {where or 'off'}; bearer token: {'required' if token else 'none'}", flush=True)
-        print(f"listening on http://{cfg.host}:{cfg.port} ({ROUTES}); Ctrl-C or SIGTERM stops", flush=True)
+        host, port = (existing["host"], existing["port"]) if existing else (cfg.host, cfg.port)
+        joined = "" if (host, port) == (cfg.host, cfg.port) else f" (Ray Serve already ran on this cluster: serve.port {cfg.port} does not apply)"
+        print(f"listening on http://{host}:{port}{joined} ({ROUTES}); Ctrl-C or SIGTERM stops", flush=True)
         while not stop.wait(0.5):
             pass
         print(f"shutting down: requests in flight get {cfg.shutdown_s:g}s", flush=True)
     finally:
-        _shutdown(cfg.shutdown_s)
+        _shutdown(cfg.shutdown_s, app_only=existing is not None)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         ray.shutdown()
 
 
-def _shutdown(deadline_s: float) -> None:
-    """`serve.shutdown()` bounded by a deadline: a stuck client or replica cannot keep us alive."""
-    done = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
+def _shutdown(deadline_s: float, *, app_only: bool = False) -> None:
+    """`serve.shutdown()` (or, on a Serve this did not start, deleting our application) bounded by a
+    deadline: a stuck client or replica cannot keep us alive."""
+    stop = (lambda: serve.delete(APP_NAME)) if app_only else serve.shutdown
+    done = threading.Thread(target=stop, name="serve-shutdown", daemon=True)
     done.start()
     done.join(deadline_s + 5)
     if done.is_alive():

@@ -95,6 +95,21 @@ def is_alias(ref: str) -> bool:
     return ref.rstrip("/").rsplit("/", 1)[-1] == "champion"
 
 
+def log_location(specs: Sequence[str], setting: str) -> str | None:
+    """The registry the prediction log of `specs` writes to, or None for no log. `setting` is
+    `serve.prediction_log` (or `softprompt predict --prediction-log`): `off`, a registry URI, or
+    `auto`: the registry of the first registry reference (none when every one is a run folder)."""
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return setting
+    for spec in specs:
+        root = registry_root(spec.partition("=")[2] if "=" in spec and not spec.startswith("s3://") else spec)
+        if root:
+            return root
+    return None
+
+
 def registry_root(ref: str) -> str | None:
     """The registry a `<registry>/<task>/<model>/<version|champion>` reference lives in, or None for a run folder."""
     if ref.startswith("s3://"):
@@ -109,8 +124,13 @@ def registry_root(ref: str) -> str | None:
 
 def _served(prompt: TunedPrompt, folder: Path, ref: str) -> Served:
     manifest = _manifest(folder)
-    version = manifest.get("version")
-    return Served(prompt, version if isinstance(version, str) else None, ref, manifest)
+    return Served(prompt, prompt_version(folder), ref, manifest)
+
+
+def prompt_version(folder: Path) -> str | None:
+    """The registry version a prompt folder holds (its MANIFEST.json), or None for a run's artifact folder."""
+    version = _manifest(folder).get("version")
+    return version if isinstance(version, str) else None
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
