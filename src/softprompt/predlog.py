@@ -200,6 +200,29 @@ class PredictionLog:
         self._pending = left
 
 
+def record_batch(store: ArtifactStore, rows: Sequence[dict[str, Any]], *, log_inputs: bool = True,
+                 timeout_s: float = 60.0) -> tuple[list[str], dict[str, int]]:
+    """Log a batch job's predictions (`softprompt predict`): each row has `task`, `prompt_version`,
+    `text`, `label`, `scores` and `model`. Returns the ids (in row order) and the summed `stats`:
+    nothing is dropped for want of queue room, and a store that fails past `timeout_s` leaves its
+    records `queued` (never written, never raised: the predictions stand without their log).
+    """
+    logs: dict[str, PredictionLog] = {}
+    ids = []
+    for row in rows:
+        plog = logs.get(row["task"])
+        if plog is None:
+            plog = logs[row["task"]] = PredictionLog(store, task=row["task"], log_inputs=log_inputs, max_queue=max(1, len(rows)),
+                                                     flush_rows=min(len(rows), 5_000))
+        ids.append(plog.record(prompt_version=row["prompt_version"], text=row["text"], label=row["label"], scores=row["scores"],
+                               model=row["model"]))
+    stats = {"queued": 0, "written": 0, "dropped": 0, "failed_flushes": 0}
+    for plog in logs.values():
+        for name, n in plog.close(timeout_s=timeout_s).items():
+            stats[name] += n
+    return ids, stats
+
+
 def read_records(
     store: ArtifactStore, task: str, *, since: dt.datetime | None = None, until: dt.datetime | None = None
 ) -> Iterator[dict[str, Any]]:

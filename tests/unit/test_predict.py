@@ -133,6 +133,26 @@ def test_cli_predict_writes_jsonl(table: predict.PromptTable, tmp_path: Path, ca
     assert "wrote 3 predictions" in capsys.readouterr().err
 
 
+def test_cli_predict_logs_each_prediction_under_the_id_it_prints(table: predict.PromptTable, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from softprompt.predlog import read_records
+    from softprompt.registry.store import LocalStore
+
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("\n".join(TEXTS[:4]) + "\n")
+    argv = ["predict", "--artifact", f"intent={tmp_path / 'intent'}", "--artifact", f"echo={tmp_path / 'echo'}", "--input", str(inputs)]
+    assert main([*argv, "--prediction-log", str(tmp_path / "registry"), "--log-inputs", "false"]) == 0
+    out = capsys.readouterr()
+    answers = [json.loads(line) for line in out.out.splitlines()]
+    logged = {r["id"]: r for r in read_records(LocalStore(tmp_path / "registry"), "intent")}
+    assert list(logged) == [a["id"] for a in answers]  # a run folder has no version: logged as "local", answered as null
+    assert all(logged[a["id"]]["label"] == a["label"] and logged[a["id"]]["input"] is None and a["version"] is None for a in answers)
+    assert f"prediction log: 4 records written to {tmp_path / 'registry'}" in out.err
+
+    assert main([*argv, "--prediction-log", "auto"]) == 0  # a run folder is in no registry: ids, no log
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len({a["id"] for a in answers}) == 4 and len(list(read_records(LocalStore(tmp_path / "registry"), "intent"))) == 4
+
+
 def test_cli_predict_routes_rows_by_prompt_column(table: predict.PromptTable, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     inputs = tmp_path / "in.csv"
     inputs.write_text("task,message\nintent,Where is my parcel?\nsentiment,great phone\n")

@@ -132,3 +132,17 @@ def test_retention_and_deletion_by_id_on_s3(s3_endpoint: str, s3_bucket: str) ->
         predlog.delete(store, "support", ["v0003"])
     with pytest.raises(ConfigError, match="retention_days=0"):
         predlog.expire(store, "support", retention_days=0)
+
+
+def test_a_batch_job_logs_every_row_and_a_down_store_loses_no_prediction(tmp_path: Path) -> None:
+    rows = [{"task": "intent" if i % 3 else "urgency", "prompt_version": "0123456789abcdef", "text": f"row {i}", "label": "refund",
+             "scores": SCORES, "model": "tiny"} for i in range(12_000)]  # more than a server's queue bound: a batch drops none
+    store = LocalStore(tmp_path / "registry")
+    ids, stats = predlog.record_batch(store, rows, log_inputs=False)
+    assert len(set(ids)) == len(rows) and stats == {"queued": 0, "written": len(rows), "dropped": 0, "failed_flushes": 0}
+    logged = {r["id"]: r for task in ("intent", "urgency") for r in predlog.read_records(store, task)}
+    assert [(logged[i]["task"], logged[i]["input"]) for i in ids[:3]] == [("urgency", None), ("intent", None), ("intent", None)]
+
+    down = _Flaky(LocalStore(tmp_path / "down"), failures=10**9)
+    ids, stats = predlog.record_batch(down, rows[:5], timeout_s=0.5)  # type: ignore[arg-type]
+    assert len(ids) == 5 and stats["written"] == 0 and stats["queued"] + stats["dropped"] == 5 and stats["failed_flushes"] >= 1

@@ -16,11 +16,12 @@ import itertools
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from softprompt import flags
 
 if TYPE_CHECKING:
+    from softprompt.predict import Prediction, PromptRef
     from softprompt.serve.config import ServeConfig
 
 ARTIFACT_HELP = "a published prompt: an artifact folder, a registry version, <registry>/<task>/<model>/champion or s3://...; repeat for several (NAME= names it; default: its task)"
@@ -36,6 +37,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-column", help="column naming each row's prompt (with several artifacts)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model", help="base model override (default: the one the prompts were trained on)")
+    p.add_argument("--prediction-log", default="auto", metavar="auto|off|URI",
+                   help="where each prediction is logged with its id: auto (the registry a registry artifact came from; "
+                        "none for a run folder), off, or a registry URI (default auto)")
+    p.add_argument("--log-inputs", type=_boolean, default=True, metavar="true|false", help="keep each input text in the log (default true)")
     flags.add_s3(p)
     p.set_defaults(func=cmd_predict)
 
@@ -69,7 +74,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = predict.read_inputs(args.input, args.text_column, args.prompt_column, default_prompt=refs[0].name)
     table = predict.load_prompts(refs, model=args.model, s3_endpoint=args.s3_endpoint)
     preds = predict.predict_rows(table, rows, args.batch_size)
-    lines = "\n".join(json.dumps(p.to_dict(), ensure_ascii=False) for p in preds) + "\n"
+    answers = _logged(preds, refs, str(table.loaded.identity.get("name")), args)
+    lines = "\n".join(json.dumps(a, ensure_ascii=False) for a in answers) + "\n"
     if args.output:
         Path(args.output).write_text(lines, encoding="utf-8")
         print(f"wrote {len(preds)} predictions to {args.output}", file=sys.stderr)
@@ -83,6 +89,26 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     from softprompt.serve.config import ServeConfig
 
     return ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+
+
+def _logged(preds: list[Prediction], refs: list[PromptRef], model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each prediction as `serve` answers it (id, version, ...), logged to the prediction log when one applies."""
+    from softprompt.predlog import new_id, record_batch
+    from softprompt.registry.store import open_store
+    from softprompt.serve.live import log_location, prompt_version
+
+    by_name = {r.name: (r.cfg.task.name, prompt_version(r.folder)) for r in refs}
+    where = log_location(args.artifact, args.prediction_log)
+    if where is None:
+        ids = [new_id() for _ in preds]
+    else:
+        rows = [{"task": by_name[p.prompt][0], "prompt_version": by_name[p.prompt][1] or "local", "text": p.text,
+                 "label": p.label if p.label is not None else p.generated, "scores": p.scores, "model": model} for p in preds]
+        ids, stats = record_batch(open_store(where, endpoint_url=args.s3_endpoint), rows, log_inputs=args.log_inputs)
+        missed = stats["queued"] + stats["dropped"]
+        print(f"prediction log: {stats['written']} records written to {where}"
+              + (f"; WARNING: {missed} could not be written (the store failed; see the log above)" if missed else ""), file=sys.stderr)
+    return [{"id": pid, "version": by_name[p.prompt][1], **p.to_dict()} for pid, p in zip(ids, preds, strict=True)]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
