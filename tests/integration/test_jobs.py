@@ -47,15 +47,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture()
-def ray_head(tmp_path: Path) -> Iterator[str]:
-    """A separate Ray head (`ray start --head --block`) on loopback ports of its own; stopped by
-    signalling the process group it leads (never `ray stop`, which would stop every Ray here).
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A separate Ray head (`ray start --head --block`) on loopback ports of its own, shared by this
+    module's tests (each names its own jobs); stopped by signalling the process group it leads (never
+    `ray stop`, which would stop every Ray here).
 
     On a loaded 2-core machine a head sometimes fails to start its dashboard (Ray's own start-up
     timeout); it is then stopped and started once more, on fresh ports."""
     for attempt in (1, 2):
-        head = _RayHead(tmp_path / f"ray-head-{attempt}.log")
+        head = _RayHead(tmp_path_factory.mktemp("ray-head") / f"ray-head-{attempt}.log")
         try:
             url = head.start()
         except RuntimeError:
@@ -117,7 +118,7 @@ class _RayHead:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=60)
+                self.proc.wait(timeout=10)  # a graceful stop takes ~35 s here; a throwaway test head need not wait for it
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
