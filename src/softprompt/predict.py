@@ -123,6 +123,28 @@ def gather_prompts(rows: Sequence[torch.Tensor]) -> Prefix:
     return Prefix(embeds=embeds, mask=to_device(mask, rows[0].device), sizes=sizes)
 
 
+CPU_PADDING_SLACK = 1.25
+"""On a CPU a forward pass costs its padded positions, so a batch is split where padding would
+exceed a quarter of the real positions (a GPU runs the whole batch: an extra pass costs more there)."""
+
+
+def forward_chunks(sizes: Sequence[int], batch_size: int, padding_slack: float | None = None) -> list[list[int]]:
+    """Row indices in forward passes: sorted by size (prompt plus input tokens), `batch_size` at most
+    each, and with `padding_slack` a pass ends where its padded positions (rows x the longest) would
+    pass `padding_slack` x its real ones."""
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    real = 0
+    for i in sorted(range(len(sizes)), key=lambda i: sizes[i]):
+        grown = (len(chunk) + 1) * sizes[i]  # sorted: row i is the longest so far
+        if chunk and (len(chunk) == batch_size or (padding_slack is not None and grown > padding_slack * (real + sizes[i]))):
+            chunks.append(chunk)
+            chunk, real = [], 0
+        chunk.append(i)
+        real += sizes[i]
+    return chunks + ([chunk] if chunk else [])
+
+
 def predict_rows(table: PromptTable, rows: Sequence[tuple[str, str]], batch_size: int = 32) -> list[Prediction]:
     """Predict `(prompt name, text)` rows, batching rows of different prompts together.
 
@@ -134,11 +156,10 @@ def predict_rows(table: PromptTable, rows: Sequence[tuple[str, str]], batch_size
         raise DataError(f"rows name prompts {unknown} that are not loaded; loaded: {sorted(table.prompts)}")
     tok = table.loaded.tokenizer
     seqs = [encode_input(tok, table.prompts[name].cfg.task.template, text) for name, text in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(seqs[i]))
+    sizes = [len(seqs[i]) + int(table.prompts[name].embeds.shape[0]) for i, (name, _) in enumerate(rows)]
     out: list[Prediction | None] = [None] * len(rows)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in forward_chunks(sizes, batch_size, padding_slack=CPU_PADDING_SLACK if table.loaded.device.type == "cpu" else None):
             names = [rows[i][0] for i in idx]
             for i, pred in zip(idx, _predict_batch(table, names, [seqs[i] for i in idx], [rows[i][1] for i in idx]), strict=True):
                 out[i] = pred
@@ -222,6 +243,28 @@ def read_inputs(path: str | Path, text_column: str = "text", prompt_column: str 
             that is not a JSON object, a row without the text field or with an empty text.
     """
     p = Path(path)
+    rows = []
+    for where, rec in read_table(p, text_column):
+        if not isinstance(rec, dict):
+            raise DataError(f"{p} {where} is a JSON {type(rec).__name__}, not an object; write one object per line, e.g. {{\"{text_column}\": \"...\"}}")
+        if text_column not in rec:
+            raise DataError(f"{p} {where} has no {text_column!r} field (fields: {sorted(rec)}); pass --text-column")
+        text = rec[text_column]
+        if text is None or isinstance(text, (dict, list)) or not str(text).strip():
+            raise DataError(f"{p} {where} has an empty or non-text {text_column!r} value ({text!r}); give every row a text")
+        name = str(rec.get(prompt_column) or "") if prompt_column else default_prompt
+        rows.append((name or default_prompt, str(text)))
+    return rows
+
+
+def read_table(path: str | Path, text_column: str = "text") -> list[tuple[str, Any]]:
+    """The records of a JSONL, CSV, TSV or Parquet file (plain text: one `{text_column: line}` a
+    line), each with where it is as people count (`line 3`, `row 3`).
+
+    Raises:
+        DataError: naming the file and line: missing, unreadable, not UTF-8, a line that is not JSON.
+    """
+    p = Path(path)
     if not p.is_file():
         raise DataError(f"input file {p} does not exist")
     suffix = p.suffix.lower()
@@ -257,18 +300,7 @@ def read_inputs(path: str | Path, text_column: str = "text", prompt_column: str 
             records = [(f"row {n}", rec) for n, rec in enumerate(reader, 1)]
         else:
             records = [(f"line {n}", {text_column: line}) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
-    rows = []
-    for where, rec in records:
-        if not isinstance(rec, dict):
-            raise DataError(f"{p} {where} is a JSON {type(rec).__name__}, not an object; write one object per line, e.g. {{\"{text_column}\": \"...\"}}")
-        if text_column not in rec:
-            raise DataError(f"{p} {where} has no {text_column!r} field (fields: {sorted(rec)}); pass --text-column")
-        text = rec[text_column]
-        if text is None or isinstance(text, (dict, list)) or not str(text).strip():
-            raise DataError(f"{p} {where} has an empty or non-text {text_column!r} value ({text!r}); give every row a text")
-        name = str(rec.get(prompt_column) or "") if prompt_column else default_prompt
-        rows.append((name or default_prompt, str(text)))
-    return rows
+    return records
 
 
 # --------------------------------------------------------------------------------------------------

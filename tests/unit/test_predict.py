@@ -244,3 +244,12 @@ def test_unknown_prompt_names_and_foreign_prompts_are_refused(table: predict.Pro
         table.add("foreign", foreign)
     with pytest.raises(ModelError, match=r"no adapter_model\.safetensors"):
         table.add("empty", tmp_path / "does-not-exist")
+
+
+def test_forward_chunks_sort_by_size_and_on_a_cpu_split_where_padding_would_pass_the_slack() -> None:
+    sizes = [40, 12, 11, 10, 41, 90]
+    assert predict.forward_chunks(sizes, batch_size=4) == [[3, 2, 1, 0], [4, 5]]  # one pass per batch_size rows, sorted
+    chunks = predict.forward_chunks(sizes, batch_size=32, padding_slack=1.25)
+    assert chunks == [[3, 2, 1], [0, 4], [5]]
+    for chunk in chunks:  # padded positions within the slack of the real ones
+        assert len(chunk) * max(sizes[i] for i in chunk) <= 1.25 * sum(sizes[i] for i in chunk)
