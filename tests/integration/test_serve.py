@@ -203,7 +203,7 @@ def test_single_and_batch_requests_equal_predict_rows(url: str, table: predict.P
     status, body, _ = call(f"{url}/v1/predict", {"prompt": "intent", "text": TEXTS[0]})
     assert status == 200
     same(body["predictions"], predict.predict_rows(table, [("intent", TEXTS[0])]))
-    assert set(body["predictions"][0]) == {"id", "version", "prompt", "text", "label", "scores"}
+    assert set(body["predictions"][0]) == {"id", "version", "token", "prompt", "text", "label", "scores"}  # token: feedback is on (a log store is set)
     assert len(body["predictions"][0]["id"]) == 24 and body["predictions"][0]["version"] is not None
     rows = [(["intent", "urgency", "echo"][i % 3], t) for i, t in enumerate(TEXTS)]
     status, body, _ = call(f"{url}/v1/predict", {"inputs": [{"prompt": p, "text": t} for p, t in rows]})

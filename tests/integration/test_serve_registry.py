@@ -132,3 +132,23 @@ def test_answers_equal_predict_with_the_version_they_name_and_are_logged(setup: 
             rec = found[p["id"]]
             assert (rec["prompt_version"], rec["input"], rec["label"], rec["task"]) == (version, p["text"], p["label"], "intent")
             assert rec["scores"] == pytest.approx(p["scores"], abs=1e-6)
+
+
+def test_feedback_with_a_predictions_token_is_stored_and_a_forged_one_refused(setup: dict[str, Any]) -> None:
+    from softprompt.feedback import FeedbackStore
+    from softprompt.registry.store import open_store
+
+    url = setup["url"]
+    status, body, _ = call(f"{url}/v1/predict", {"inputs": [{"prompt": "intent", "text": "I was billed twice"}, {"prompt": "urgency", "text": "now"}]})
+    assert status == 200
+    intent, urgency = body["predictions"]
+    items = [{"prompt": "intent", "token": intent["token"], "text": intent["text"], "kind": "correction", "label": "billing", "subject": "c-7"},
+             {"prompt": "urgency", "token": intent["token"], "text": urgency["text"], "kind": "up", "label": "yes"}]  # another row's token
+    status, answer, _ = call(f"{url}/v1/feedback", {"feedback": items})
+    assert status == 200 and [a["row"] for a in answer["accepted"]] == [1], answer
+    assert answer["accepted"][0]["prediction_id"] == intent["id"] and answer["rejects"][0]["field"] == "text"
+    stored = FeedbackStore(open_store("s3://serve-log/registry", endpoint_url=setup["s3"]), task="intent", labels=[], secret=b"").read()
+    assert [(r["id"], r["prediction_id"], r["label"], r["input"], r["subject"]) for r in stored] == [
+        (answer["accepted"][0]["id"], intent["id"], "billing", "I was billed twice", "c-7")]
+    assert call(f"{url}/v1/feedback", {"feedback": items[1:]})[0] == 400
+    assert call(f"{url}/v1/feedback", {"feedback": items[:1]}, token=None)[0] == 401

@@ -92,11 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_flags(p)
     p.set_defaults(func=cmd_run)
 
+    from softprompt.cli import feedback as feedback_cli
     from softprompt.cli import inference
     from softprompt.kubeflow import cli as kubeflow_cli
     from softprompt.registry import cli as registry_cli
 
     inference.add_commands(sub)
+    feedback_cli.add_commands(sub)
     registry_cli.add_commands(sub)
     kubeflow_cli.add_commands(sub)
     return parser

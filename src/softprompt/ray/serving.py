@@ -6,12 +6,15 @@
     GET  /healthz      {"ok": true, "model", "prompts", "versions", "requests", "rows", "batches", ...}
     GET  /v1/prompts   {"prompts": [{"name", "task", "kind", "labels", "version", "num_virtual_tokens", ...}]}
     POST /v1/predict   {"prompt": NAME, "text": ...} or {"inputs": [{"prompt": NAME, "text": ...}, ...]}
-                       -> {"predictions": [{"id", "version", "prompt", "text", "label", "scores"} or {..., "generated"}]}
+                       -> {"predictions": [{"id", "version", "token", "prompt", "text", "label", "scores"} or {..., "generated"}]}
+    POST /v1/feedback  {"prompt": NAME, "token", "text", "kind": "correction|up|down", "label"} or {"feedback": [...]}
+                       -> {"accepted": [{"row", "id", "prediction_id", "conflict"}], "rejects": [{"row", "field", "value", "reason"}]}
 
-A replica holds the base model once and every prompt (a few KB each). Each row of a request is one
-call of a `@serve.batch` method, so rows of different prompts and clients share one forward pass
-(each row gathers its own prompt, `predict.predict_rows`), a batch bounded by `serve.max_batch` rows
-and `serve.max_batch_tokens` padded positions (`Predictor.batch_size`). Why not `@serve.multiplexed`:
+A replica holds the base model once and every prompt (a few KB each). Each row of a request goes to
+the replica's batcher (`serve.batcher`: while a batch runs, rows queue and go together next), so
+rows of different prompts and clients share one forward pass (each row gathers its own prompt,
+`predict.predict_rows`), a batch bounded by `serve.max_batch` rows and `serve.max_batch_tokens`
+padded positions (`Predictor.batch_size`). Why not `@serve.multiplexed`:
 it routes each model id to replicas holding it and loads one model per id, so a batch would hold one
 prompt; here every replica holds every prompt and a batch mixes them, which is the point.
 
@@ -32,11 +35,11 @@ import hmac
 import logging
 import os
 import re
+import secrets
 import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -44,7 +47,9 @@ from ray import serve
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from softprompt.serve.batcher import Batcher
 from softprompt.serve.config import TOKEN_ENV, ServeConfig
+from softprompt.serve.feedback import FEEDBACK_SECRET_ENV, FeedbackDesk
 from softprompt.serve.live import log_location
 from softprompt.serve.predictor import Predictor, Row
 from softprompt.serve.requests import ROUTES, RequestError, describe_prompt, parse_length, parse_request
@@ -52,22 +57,10 @@ from softprompt.serve.requests import ROUTES, RequestError, describe_prompt, par
 log = logging.getLogger("softprompt.serve")
 
 APP_NAME = "softprompt"
-METHODS = {"/healthz": ("GET",), "/v1/prompts": ("GET",), "/v1/predict": ("POST",)}
-
-
-@dataclass(frozen=True)
-class _Item:
-    """One row as `@serve.batch` sees it: the row, and the budgets its batch-size function needs."""
-
-    row: Row
-    max_batch: int
-    max_batch_tokens: int
-
-
-def _batch_size(items: list[_Item]) -> int:
-    """Rows, or padded positions scaled so that max_batch_tokens counts as max_batch: the larger."""
-    positions = len(items) * max(it.row.positions for it in items)
-    return max(len(items), -(-positions * items[0].max_batch // items[0].max_batch_tokens))
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+"""Ray's setting (read by a raylet this process starts) for its workers' nice value: 15 by default,
+which puts a serving replica behind every other process on its machine, the clients included."""
+METHODS = {"/healthz": ("GET",), "/v1/prompts": ("GET",), "/v1/predict": ("POST",), "/v1/feedback": ("POST",)}
 
 
 @serve.deployment(name="prompts")
@@ -75,7 +68,7 @@ class PromptDeployment:
     """A replica: the base model, every prompt, the batcher, the prediction logs and the HTTP routes."""
 
     def __init__(self, specs: list[str], cfg: ServeConfig, model: str | None, s3_endpoint: str | None,
-                       token_sha256: str | None, log_uri: str | None) -> None:
+                       token_sha256: str | None, log_uri: str | None, feedback_secret: bytes | None = None) -> None:
         from ray.serve import metrics
 
         from softprompt.serve.live import LivePrompts
@@ -89,10 +82,11 @@ class PromptDeployment:
         self.m_dropped = metrics.Counter("softprompt_serve_rows_dropped", description="Queued rows dropped (deadline passed or client gone).")
         self.m_log = metrics.Counter("softprompt_serve_prediction_log", description="Prediction-log records written or dropped.", tag_keys=("event",))
         logs = _open_logs(log_uri, s3_endpoint, cfg, self.live, lambda event, n: self.m_log.inc(n, tags={"event": event}))
-        self.predictor = Predictor(self.live, cfg, logs, on_batch=self._observe)
+        self.predictor = Predictor(self.live, cfg, logs, on_batch=self._observe, feedback_secret=feedback_secret if log_uri else None)
+        self.desk = _feedback_desk(log_uri, s3_endpoint, cfg, self.live, feedback_secret)
         self.queued = 0
-        self._batched.set_max_batch_size(cfg.max_batch)  # type: ignore[attr-defined]
-        self._batched.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)  # type: ignore[attr-defined]
+        self.batcher: Batcher[Row, dict[str, Any] | RequestError] = Batcher(
+            self.predictor.run, self.predictor.batch_size, max_size=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1000)
         self._stop = threading.Event()
         threading.Thread(target=self._refresh_loop, name="softprompt-refresh", daemon=True).start()
 
@@ -115,7 +109,7 @@ class PromptDeployment:
         if path == "/v1/prompts":
             return _json(HTTPStatus.OK, {"prompts": self.prompts()})
         try:
-            answer = await self._predict(request)
+            answer = await (self._predict(request) if path == "/v1/predict" else self._feedback(request))
         except RequestError as exc:
             self.m_requests.inc(tags={"status": str(exc.status)})
             headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
@@ -151,7 +145,7 @@ class PromptDeployment:
                                None, HTTPStatus.SERVICE_UNAVAILABLE, retry_after_s=cfg.retry_after_s)
         self.predictor.counts["requests"] += 1
         self.queued += len(rows)
-        calls = [asyncio.ensure_future(self._batched(_Item(r, cfg.max_batch, cfg.max_batch_tokens))) for r in rows]
+        calls = [asyncio.ensure_future(self.batcher.submit(r)) for r in rows]
         try:
             done = await asyncio.wait_for(asyncio.gather(*calls), timeout=max(0.0, rows[0].deadline - time.monotonic()))
         except asyncio.TimeoutError:
@@ -169,9 +163,15 @@ class PromptDeployment:
                 raise answer
         return {"predictions": done}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_batch_size)
-    async def _batched(self, items: list[_Item]) -> list[dict[str, Any] | RequestError]:
-        return await asyncio.to_thread(self.predictor.run, [it.row for it in items])
+    async def _feedback(self, request: Request) -> dict[str, Any]:
+        if self.desk is None:
+            raise RequestError("feedback is off on this server: it is stored in the registry beside the prediction log; serve a registry "
+                               "version or alias, or set --prediction-log URI", "path", HTTPStatus.NOT_FOUND)
+        parse_length(request.headers.get("content-length"), self.cfg.max_body_bytes)
+        body = await _read_body(request, self.cfg.max_body_bytes)
+        client = request.client.host if request.client else "unknown"
+        answer: dict[str, Any] = await asyncio.to_thread(self.desk.submit, body, client)
+        return answer
 
     def _observe(self, rows: int, positions: int) -> None:
         self.m_rows.observe(rows)
@@ -194,8 +194,12 @@ class PromptDeployment:
 
 
 def build_app(specs: Sequence[str], cfg: ServeConfig, *, model: str | None = None, s3_endpoint: str | None = None,
-              token: str | None = None, model_name: str = "model") -> Any:
-    """The Ray Serve application: one deployment (named after the base model) over `specs`."""
+              token: str | None = None, model_name: str = "model", feedback_secret: bytes | None = None) -> Any:
+    """The Ray Serve application: one deployment (named after the base model) over `specs`.
+
+    Feedback tokens are signed with `feedback_secret`, else `$SOFTPROMPT_FEEDBACK_SECRET`, else a
+    secret made now (tokens then verify only until the application is redeployed). The replicas
+    receive it as an argument, as Ray stores a deployment's arguments."""
     options: dict[str, Any] = {
         "name": "prompts-" + (re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")[-40:] or "model"),
         "max_ongoing_requests": cfg.max_ongoing_requests,
@@ -215,8 +219,9 @@ def build_app(specs: Sequence[str], cfg: ServeConfig, *, model: str | None = Non
     else:
         options["num_replicas"] = cfg.min_replicas
     token_sha256 = hashlib.sha256(token.encode()).hexdigest() if token else None  # the replicas never hold the token
+    secret = feedback_secret or os.environ.get(FEEDBACK_SECRET_ENV, "").encode() or secrets.token_bytes(32)
     return PromptDeployment.options(**options).bind(  # type: ignore[attr-defined]
-        list(specs), cfg, model, s3_endpoint, token_sha256, log_location(specs, cfg.prediction_log))
+        list(specs), cfg, model, s3_endpoint, token_sha256, log_location(specs, cfg.prediction_log), secret)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -274,6 +279,7 @@ def run(specs: Sequence[str], cfg: ServeConfig, *, model: str | None = None, s3_
 
     refs = resolve_prompts(specs, s3_endpoint=s3_endpoint)  # a bad reference fails here, before Ray starts
     token = os.environ.get(TOKEN_ENV) or None
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")  # a local Ray's replicas at normal priority (Ray's default nices workers to 15)
     print(init_ray(RayConfig(), ray_address, tuning=False), flush=True)
     existing = serve_http_options()
     if existing is not None and APP_NAME in serve.status().applications:
@@ -312,6 +318,19 @@ def _shutdown(deadline_s: float, *, app_only: bool = False) -> None:
     done.join(deadline_s + 5)
     if done.is_alive():
         log.warning("Ray Serve did not shut down within %.0fs; leaving it to Ray's shutdown", deadline_s + 5)
+
+
+def _feedback_desk(uri: str | None, s3_endpoint: str | None, cfg: ServeConfig, live: Any, secret: bytes | None) -> FeedbackDesk | None:
+    if uri is None or secret is None:
+        return None
+    from softprompt.registry.store import open_store
+
+    def prompts() -> dict[str, tuple[str, list[str]]]:
+        return {name: (s.prompt.cfg.task.name, list(s.prompt.verbalizer.labels) if s.prompt.verbalizer else [])
+                for name, s in live.served.items()}
+
+    return FeedbackDesk(open_store(uri, endpoint_url=s3_endpoint), prompts, secret, per_minute=cfg.feedback_per_minute,
+                        max_items=cfg.max_request_rows)
 
 
 def _open_logs(uri: str | None, s3_endpoint: str | None, cfg: ServeConfig, live: Any, on_count: Any) -> dict[str, Any]:

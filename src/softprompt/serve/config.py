@@ -55,6 +55,9 @@ class ServeConfig:
     prediction_log: str = "auto"
     """Where predictions are logged: `auto` (the registry the first registry artifact came from;
     none for a run folder), `off`, or a registry URI (a folder or s3://BUCKET/PREFIX)."""
+    feedback_per_minute: int = 60
+    """Feedback requests (`POST /v1/feedback`) one client address may send a replica a minute,
+    bursts up to as many; more get 429 with Retry-After (one client cannot flood the store)."""
     min_replicas: int = 1
     """Fewest replicas of the deployment."""
     max_replicas: int = 1
@@ -76,7 +79,7 @@ class ServeConfig:
         if not 0 < self.port <= 65535:
             problems.append(f"serve.port {self.port}: use 1-65535")
         for name in ("max_batch", "max_batch_tokens", "max_row_tokens", "max_request_rows", "max_queued_rows",
-                     "max_ongoing_requests", "max_queued_requests", "min_replicas", "max_replicas"):
+                     "max_ongoing_requests", "max_queued_requests", "min_replicas", "max_replicas", "feedback_per_minute"):
             if getattr(self, name) < 1:
                 problems.append(f"serve.{name} {getattr(self, name)}: use 1 or more")
         if self.max_row_tokens > self.max_batch_tokens:

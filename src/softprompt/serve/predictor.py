@@ -12,7 +12,8 @@ longer than any allowed row are refused before tokenizing (the tokenizer's memor
 `run` is one forward batch: rows of any prompts, one snapshot of the served versions. Rows whose
 deadline has passed are answered 503 and never computed. Should the batch still fail (a row no check
 foresaw), each row is retried alone, so only the row that fails gets the error. Every answer
-carries its prediction id and the version that answered; the prediction log gets each record.
+carries its prediction id and the version that answered (and, where feedback is on, the signed
+token `POST /v1/feedback` takes back); the prediction log gets each record.
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ class Predictor:
     """Rows to predictions over live prompts, with token caps, per-row failures and the prediction log."""
 
     def __init__(self, live: LivePrompts, cfg: ServeConfig, logs: dict[str, Any] | None = None,
-                 on_batch: Callable[[int, int], None] | None = None) -> None:
+                 on_batch: Callable[[int, int], None] | None = None, feedback_secret: bytes | None = None) -> None:
         """`logs` maps a task name to its `PredictionLog` (none: ids are made, nothing is written);
-        `on_batch(rows, positions)` is told each forward batch (metrics)."""
+        `on_batch(rows, positions)` is told each forward batch (metrics); with `feedback_secret`,
+        each answer carries its signed feedback `token` (`softprompt.feedback.sign`)."""
         self.live, self.cfg, self.logs, self.on_batch = live, cfg, logs or {}, on_batch
+        self.feedback_secret = feedback_secret
         self.context = int(getattr(live.table.loaded.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.counts = {"requests": 0, "rows": 0, "batches": 0, "dropped": 0}
 
@@ -147,7 +150,12 @@ class Predictor:
             from softprompt.predlog import new_id
 
             pid = new_id()
-        return {"id": pid, "version": served.version, **pred.to_dict()}
+        answer = {"id": pid, "version": served.version, **pred.to_dict()}
+        if self.feedback_secret is not None:
+            from softprompt.feedback import sign
+
+            answer["token"] = sign(self.feedback_secret, pid, version, pred.text)
+        return answer
 
 
 def _too_long(where: str, size: str, limit: int) -> RequestError:

@@ -18,7 +18,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-ROUTES = "GET /healthz, GET /v1/prompts, POST /v1/predict"
+ROUTES = "GET /healthz, GET /v1/prompts, POST /v1/predict, POST /v1/feedback"
 EXAMPLE = '{"prompt": "NAME", "text": "..."} or {"inputs": [{"prompt": "NAME", "text": "..."}]}'
 
 
@@ -41,16 +41,7 @@ def parse_request(body: bytes, prompts: Sequence[str], max_rows: int) -> list[tu
 
     A request without "prompt" uses the only loaded prompt; with several loaded, "prompt" is required.
     """
-    if not body.strip():
-        raise RequestError(f"the request body is empty; send JSON such as {EXAMPLE}", "body")
-    try:
-        data = json.loads(body)
-    except RecursionError:  # the C parser gives up near 1000 levels, quickly, with nothing allocated
-        raise RequestError(f"the body nests JSON too deep; send {EXAMPLE}", "body") from None
-    except ValueError as exc:  # JSONDecodeError, bad UTF-8, integers over 4300 digits
-        raise RequestError(f"the body is not JSON we accept ({str(exc)[:120]}); send {EXAMPLE}", "body") from None
-    if not isinstance(data, dict):
-        raise RequestError(f"the body is a JSON {type(data).__name__}, not an object; send {EXAMPLE}", "body")
+    data = load_object(body, EXAMPLE)
     if "inputs" not in data:
         return [_row(data, "", prompts)]
     items = data["inputs"]
@@ -61,6 +52,21 @@ def parse_request(body: bytes, prompts: Sequence[str], max_rows: int) -> list[tu
     if len(items) > max_rows:
         raise RequestError(f"'inputs' has {len(items)} rows; at most {max_rows} per request (--max-request-rows): split it", "inputs")
     return [_row(item, f"inputs[{i}].", prompts) for i, item in enumerate(items)]
+
+
+def load_object(body: bytes, example: str) -> dict[str, Any]:
+    """A request body's JSON object, or a RequestError (400) naming what is wrong and showing `example`."""
+    if not body.strip():
+        raise RequestError(f"the request body is empty; send JSON such as {example}", "body")
+    try:
+        data = json.loads(body)
+    except RecursionError:  # the C parser gives up near 1000 levels, quickly, with nothing allocated
+        raise RequestError(f"the body nests JSON too deep; send {example}", "body") from None
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, integers over 4300 digits
+        raise RequestError(f"the body is not JSON we accept ({str(exc)[:120]}); send {example}", "body") from None
+    if not isinstance(data, dict):
+        raise RequestError(f"the body is a JSON {type(data).__name__}, not an object; send {example}", "body")
+    return data
 
 
 def parse_length(value: str | None, limit: int) -> int | None:
