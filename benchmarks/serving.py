@@ -279,9 +279,10 @@ def main() -> int:
 
     from softprompt.config import RayConfig
     from softprompt.ray.cluster import init_ray
-    from softprompt.ray.serving import build_app
+    from softprompt.ray.serving import WORKER_NICENESS_ENV, build_app
 
     cores = os.cpu_count() or 1
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")  # as `softprompt serve` starts its local Ray: replicas not niced
     init_ray(RayConfig(num_cpus=2 * cores), tuning=False)  # two replicas of `cores` CPUs each: torch gets every core, like the baseline
     port = free_port()
     url, logged_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/logged"
