@@ -21,6 +21,13 @@ import torch
 
 from softprompt import dataset as ds
 from softprompt.config import JobConfig
+from softprompt.demos import (
+    cost_tokens,
+    demonstration_ids,
+    fixed_demonstrations,
+    sentence_embeddings,
+    similar_demonstrations,
+)
 from softprompt.manifest import run_manifest
 from softprompt.metrics import (
     SIGNIFICANCE_LEVEL,
@@ -38,7 +45,6 @@ from softprompt.prompts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_prompt_embe
 from softprompt.report import ReportInputs, write_report
 from softprompt.scoring import (
     calibration_offsets,
-    choose_demonstrations,
     few_shot_text,
     score_split,
     shared_prefix,
@@ -76,10 +82,12 @@ class EvaluateResult:
                     m = self.metrics[name]
                     lines.append(f"{METHOD_NAMES[name]:<16}{m['exact_match'] * 100:>11.1f}%{m['loss']:>12.4f}")
             return "\n".join(lines)
-        lines = [f"{'method':<16}{'accuracy':>10}{'macro-F1':>10}{'ECE':>8}", "-" * 44]
+        costs = self.metrics.get("cost_tokens_per_row") or {}
+        lines = [f"{'method':<22}{'accuracy':>10}{'macro-F1':>10}{'ECE':>8}{'tokens/row':>12}", "-" * 62]
         for name, m in self.results.items():
             ece = f"{m.ece:.3f}" if m.ece is not None else "-"
-            lines.append(f"{METHOD_NAMES.get(name, name):<16}{m.accuracy * 100:>9.1f}%{m.macro_f1 * 100:>9.1f}%{ece:>8}")
+            cost = f"{costs[name]:.0f}" if name in costs else "-"
+            lines.append(f"{_method_name(name):<22}{m.accuracy * 100:>9.1f}%{m.macro_f1 * 100:>9.1f}%{ece:>8}{cost:>12}")
         return "\n".join(lines)
 
 
@@ -118,7 +126,7 @@ def run(
     model, tok = loaded.model, loaded.tokenizer
     verbalizer = build_verbalizer(cfg.task, tok)
     labels = list(verbalizer.labels)
-    bar = _bar(progress, len(rows) * (len(adapter_dirs) + len(ev.baselines)))
+    bar = _bar(progress, len(rows) * (len(adapter_dirs) + len(ev.baselines) + max(0, len(ev.few_shot_strategies) - 1)))
     tick = bar.update if bar is not None else None
 
     def score(embeds: torch.Tensor | None) -> np.ndarray:
@@ -136,15 +144,16 @@ def run(
             zs = zs - calibration_offsets(model, shared_prefix(model, None), tok, cfg.task.template, verbalizer)
         scores["zero_shot"] = zs
     demo_text = ""
+    lengths = [len(ids) for ids in rows.input_ids]
+    costs = {"tuned": cost_tokens(int(members[0].shape[0]), lengths), "zero_shot": cost_tokens(0, lengths),
+             "ensemble": sum(cost_tokens(int(e.shape[0]), lengths) for e in members)}  # each member is a pass of its own
     if "few_shot" in ev.baselines:
         k = ev.few_shot_k or max(4, len(labels))
-        demos = choose_demonstrations(train_rows, len(labels), k, cfg.train.seed)
-        demo_text = few_shot_text(train_rows, demos, cfg.task.template, [cfg.task.verbalizer[label][0] for label in labels])
-        prefix_embeds = text_embeds(model, tok, demo_text)
-        fs = score(prefix_embeds)
-        if ev.calibrate:
-            fs = fs - calibration_offsets(model, shared_prefix(model, prefix_embeds), tok, cfg.task.template, verbalizer)
-        scores["few_shot"] = fs
+        for n, strategy in enumerate(ev.few_shot_strategies):
+            name = "few_shot" if n == 0 else f"few_shot_{strategy}"
+            fs, text, costs[name] = _few_shot(cfg, loaded, rows, train_rows, verbalizer, strategy, k, score, tick)
+            demo_text = demo_text or text
+            scores[name] = fs
     if bar is not None:
         bar.close()
 
@@ -166,6 +175,8 @@ def run(
         "significance": {"test": SIGNIFICANCE_TEST, "alpha": SIGNIFICANCE_LEVEL},
         "comparisons": comparisons,
         "few_shot_prefix": demo_text,
+        "few_shot_strategies": list(ev.few_shot_strategies) if "few_shot" in ev.baselines else [],
+        "cost_tokens_per_row": {name: round(c, 1) for name, c in costs.items() if name in scores},
         "ensemble_selection": selection,
         **{name: m.to_dict() for name, m in results.items()},
     }
@@ -196,7 +207,9 @@ def run(
             verdict=verdict,
             comparisons=comparisons,
             intervals={name: bootstrap_ci((s.argmax(1) == np.asarray(rows.label_ids)).tolist()) for name, s in scores.items()},
-            notes=[f"Evaluated on the {split_name} split ({len(rows)} rows, fingerprint {fingerprint[:12]})."],
+            notes=[f"Evaluated on the {split_name} split ({len(rows)} rows, fingerprint {fingerprint[:12]}).",
+                   "Token positions the model runs per scored row (a shared prefix counted once): "
+                   + ", ".join(f"{_method_name(n)} {c:.0f}" for n, c in costs.items() if n in scores) + "."],
         ),
         out / "report.html",
     )
@@ -301,15 +314,50 @@ def _verdict(
     mine = getattr(results[winner], metric)
     lo, hi = bootstrap_ci(ok_w.tolist())
     found: dict[str, Comparison] = {}
-    for name in ("zero_shot", "few_shot"):
-        if name in results:
-            delta = (mine - getattr(results[name], metric)) * 100
-            found[name] = compare(METHOD_NAMES[name], ok_w, scores[name].argmax(1) == y, delta)
+    for name in results:
+        if name in ("tuned", "ensemble"):
+            continue
+        delta = (mine - getattr(results[name], metric)) * 100
+        found[name] = compare(_method_name(name), ok_w, scores[name].argmax(1) == y, delta)
     # "Beats" only when significantly better than every baseline (nothing to beat counts as beaten).
     beats = all(c.outcome == "better" for c in found.values())
     result = f"{metric} {mine * 100:.1f}% (95% CI {lo * 100:.1f}-{hi * 100:.1f})"
     verdict = verdict_sentence(METHOD_NAMES[winner], result, list(found.values()))
     return verdict, beats, {name: c.to_dict() for name, c in found.items()}
+
+
+def _method_name(name: str) -> str:
+    """`few_shot_similar` -> "few-shot (similar)"; the fixed names from METHOD_NAMES."""
+    if name in METHOD_NAMES:
+        return METHOD_NAMES[name]
+    return f"few-shot ({name.removeprefix('few_shot_')})"
+
+
+def _few_shot(cfg: JobConfig, loaded: LoadedModel, rows: ds.Split, train_rows: ds.Split, verbalizer: Verbalizer, strategy: str,
+              k: int, score: Any, tick: Any) -> tuple[np.ndarray, str, float]:
+    """The few-shot baseline with `strategy`'s demonstrations: label scores, the prefix text (a
+    fixed strategy's; "" for `similar`) and the token positions per scored row."""
+    model, tok = loaded.model, loaded.tokenizer
+    labels = list(verbalizer.labels)
+    words = [cfg.task.verbalizer[label][0] for label in labels]
+    lengths = [len(ids) for ids in rows.input_ids]
+    train_emb = sentence_embeddings(model, train_rows.input_ids, tok.pad_token_id) if strategy in ("similar", "diverse") else None
+    if strategy == "similar":
+        assert train_emb is not None
+        nearest = similar_demonstrations(train_emb, sentence_embeddings(model, rows.input_ids, tok.pad_token_id), k)
+        word_ids = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
+        sep = tok("\n\n", add_special_tokens=False)["input_ids"]
+        prefixes = [demonstration_ids(train_rows, idx, word_ids, sep) for idx in nearest]
+        seqs = [p + list(ids) for p, ids in zip(prefixes, rows.input_ids, strict=True)]
+        fs = score_split(model, shared_prefix(model, None), seqs, verbalizer, tok.pad_token_id, cfg.evaluate.batch_size, tick)
+        return fs, "", cost_tokens(0, lengths, per_input_prefix=[len(p) for p in prefixes])
+    demos = fixed_demonstrations(strategy, train_rows, num_labels=len(labels), k=k, seed=cfg.train.seed, embeddings=train_emb)
+    text = few_shot_text(train_rows, demos, cfg.task.template, words)
+    prefix_embeds = text_embeds(model, tok, text)
+    fs = score(prefix_embeds)
+    if cfg.evaluate.calibrate:
+        fs = fs - calibration_offsets(model, shared_prefix(model, prefix_embeds), tok, cfg.task.template, verbalizer)
+    return fs, text, cost_tokens(int(prefix_embeds.shape[0]), lengths)
 
 
 def _bar(enabled: bool, total: int) -> Any:

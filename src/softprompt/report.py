@@ -374,7 +374,7 @@ def _ordered_methods(results: Mapping[str, ClassificationMetrics]) -> list[str]:
 
 
 def _method_name(method: str) -> str:
-    return _METHOD_NAMES.get(method, method)
+    return _METHOD_NAMES.get(method) or (f"Few-shot ({method.removeprefix('few_shot_')})" if method.startswith("few_shot_") else method)
 
 
 def _color(method: str) -> str:

@@ -206,3 +206,20 @@ def test_predict_serves_a_winning_ensemble_as_the_mean_of_its_members(
     expected = to_probs(np.mean(each, axis=0))
     for pred, row in zip(preds, expected, strict=True):
         assert [pred.scores[label] for label in vb.labels] == pytest.approx(row.tolist(), abs=1e-5)
+
+
+def test_every_few_shot_strategy_is_a_baseline_with_its_cost_and_the_verdict_weighs_them_all(
+    tiny: LoadedModel, demo_cfg: DemoCfg, demo_data: Path, tmp_path: Path
+) -> None:
+    cfg = demo_cfg("train.steps=2", "train.eval_every=0", "evaluate.baselines=[few_shot]",
+                   "evaluate.few_shot_strategies=[balanced, similar, diverse, random]")
+    adapter = _adapter(cfg, tiny, demo_data, tmp_path / "train")
+    metrics = evaluate.run(cfg, tiny, demo_data, _outcome(cfg, adapter), tmp_path / "artifact").metrics
+    methods = ("few_shot", "few_shot_similar", "few_shot_diverse", "few_shot_random")
+    assert set(metrics["comparisons"]) == set(methods) and metrics["few_shot_strategies"] == ["balanced", "similar", "diverse", "random"]
+    assert all(0 <= metrics[m]["accuracy"] <= 1 for m in methods)
+    cost = metrics["cost_tokens_per_row"]
+    assert cost["tuned"] < cost["few_shot"] < cost["few_shot_similar"]  # a shared prefix is paid once, a per-input one by every row
+    assert "few-shot (similar)" in metrics["verdict"] or metrics["beats_baselines"]
+    with pytest.raises(Exception, match="few_shot_strategies"):
+        demo_cfg("evaluate.few_shot_strategies=[nearest]")

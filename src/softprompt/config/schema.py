@@ -179,6 +179,13 @@ class EvaluateConfig:
     """Baselines scored on the same split for comparison."""
     few_shot_k: int = 0
     """Demonstrations for the few-shot baseline; 0 picks one per label (at least 4)."""
+    few_shot_strategies: list[Literal["balanced", "random", "similar", "diverse"]] = field(default_factory=lambda: ["balanced"])
+    """How the few-shot baseline's demonstrations are chosen (`softprompt.demos`): `balanced` (each
+    label at least once), `random`, `similar` (per input, the nearest training rows by the frozen
+    model's embeddings; not calibrated, and paid on every row) and `diverse` (k-centers). The first
+    is reported as `few-shot`; each other is scored too, as `few-shot (<strategy>)`, and a prompt
+    beats few-shot only when it is significantly better than every one. Each method's cost (token
+    positions per scored row) is recorded beside its accuracy."""
     calibrate: bool = True
     """Contextual calibration (Zhao et al. 2021) for the few-shot baseline (classification only;
     generation tasks ignore it)."""
