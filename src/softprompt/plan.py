@@ -272,7 +272,8 @@ def job_layout(cfg: JobConfig, *, gpus_per_node: int = 8) -> Layout:
     (hsdp: nodes of `gpus_per_node`), `train.offload`."""
     workers = max(1, cfg.ray.num_workers)
     per_node = min(workers, gpus_per_node) if cfg.train.sharding == "hsdp" else workers
-    return Layout(cfg.train.sharding, nodes=max(1, workers // per_node), gpus_per_node=per_node, offload=cfg.train.offload)
+    strategy: Strategy = "ddp" if cfg.train.sharding == "auto" else cfg.train.sharding  # auto is chosen before (choose_sharding)
+    return Layout(strategy, nodes=max(1, workers // per_node), gpus_per_node=per_node, offload=cfg.train.offload)
 
 
 def job_workload(cfg: JobConfig, seq_len: int, *, dtype_bytes: int) -> Workload:
@@ -289,6 +290,42 @@ def p95(lengths: list[int]) -> int:
         return 1
     ordered = sorted(lengths)
     return max(1, ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)])
+
+
+def choose_sharding(cfg: JobConfig, lengths: Callable[[], list[int]], *, gpu_bytes: int | None = None) -> tuple[JobConfig, str | None]:
+    """`train.sharding=auto` made concrete before any worker starts; other settings pass unchanged.
+
+    Returns:
+        The configuration with the chosen `train.sharding` (and `train.activation_checkpointing`
+        where the plan needs it), and a line for people saying what was chosen and why (None when
+        nothing was chosen).
+
+    Raises:
+        ConfigError: nothing fits at the configured batch size (the plan that would, as the fix).
+    """
+    from softprompt.config import replace as config_replace
+
+    if cfg.train.sharding != "auto":
+        return cfg, None
+    device = parse_bytes(cfg.ray.gpu_memory) if cfg.ray.gpu_memory else gpu_bytes
+    if not cfg.ray.use_gpu or device is None:
+        why = "CPU workers" if not cfg.ray.use_gpu else "no GPU memory known (set ray.gpu_memory)"
+        return config_replace(cfg, ["train.sharding=ddp"]), f"train.sharding=auto: ddp ({why})"
+    from softprompt.modeling import model_config
+
+    shape = ModelShape.from_config(model_config(cfg.model, cfg.s3))
+    workers = max(1, cfg.ray.num_workers)
+    per_node = min(workers, 8)
+    layout = Layout("ddp", nodes=max(1, workers // per_node), gpus_per_node=per_node, offload=cfg.train.offload)
+    work = job_workload(cfg, p95(lengths()), dtype_bytes=4 if cfg.model.dtype == "float32" else 2)
+    best = recommend(shape, layout, work, device)
+    if best is None or best.workload.batch < work.batch or best.layout.offload != cfg.train.offload:
+        check_fits(shape, replace(layout, strategy="fsdp"), replace(work, checkpointing=True), device, where="train.sharding=auto")
+        raise ConfigError(f"train.sharding=auto: no layout of {workers} devices of {gib(device)} fits this run; "
+                          "use more devices, devices with more memory, or train.offload=true")
+    chosen = config_replace(cfg, [f"train.sharding={best.layout.strategy}",
+                                  f"train.activation_checkpointing={str(best.workload.checkpointing or work.checkpointing).lower()}"])
+    return chosen, f"train.sharding=auto: {describe(best)} ({gib(best.total_bytes)} of {gib(device)} per device)"
 
 
 def preflight(

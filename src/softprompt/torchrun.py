@@ -74,6 +74,15 @@ def run(cfg: JobConfig, run_dir: Path) -> TrainOutcome | None:
         if rank == 0 and not ds.has_split(data, "train"):
             print(ingest.run(cfg, data).summary(), flush=True)
         dist.barrier()
+        if cfg.train.sharding == "auto":  # every rank plans the same: this world, its GPUs
+            from softprompt.config import replace as config_replace
+            from softprompt.plan import choose_sharding
+
+            cfg = config_replace(cfg, [f"ray.num_workers={dist.get_world_size()}", f"ray.use_gpu={str(cuda).lower()}"])
+            gpu_bytes = int(torch.cuda.get_device_properties(local_rank).total_memory) if cuda else None
+            cfg, chosen = choose_sharding(cfg, lambda: list(ds.read_split(data, "train").lengths), gpu_bytes=gpu_bytes)
+            if rank == 0 and chosen:
+                print(chosen, flush=True)
         device = f"cuda:{local_rank}" if cuda else "cpu"
         loaded = load_model(cfg.model, device=device, s3=cfg.s3)
         hooks: Any = _DDPHooks()

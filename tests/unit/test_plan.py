@@ -145,3 +145,26 @@ def test_a_gpu_run_that_cannot_fit_is_refused_before_ray_starts(tiny_model_dir: 
     message = str(refused.value)
     assert "this run (1 workers, train.sharding=ddp) needs" in message and "a device has 1.0 MiB" in message
     assert "; use train.sharding=ddp, train.batch_size=" in message  # the plan that fits: fewer rows per step
+
+
+def test_auto_sharding_takes_the_planners_choice_before_any_worker_starts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from conftest import DEMO_CONFIG, small_overrides
+    from softprompt.config import JobConfig, load_config
+
+    def cfg(*extra: str) -> JobConfig:
+        return load_config(DEMO_CONFIG, [*small_overrides(tiny_model_dir, tmp_path), "train.sharding=auto", *extra])
+
+    def lengths() -> list[int]:
+        return [512] * 10
+
+    cpu, line = plan.choose_sharding(cfg(), lengths)
+    assert cpu.train.sharding == "ddp" and line == "train.sharding=auto: ddp (CPU workers)"
+    big = tmp_path / "llama70b"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps(LLAMA_70B))
+    gpus = ["ray.use_gpu=true", f"model.name={big}", "ray.num_workers=16", "train.batch_size=64", "model.dtype=bfloat16"]
+    chosen, line = plan.choose_sharding(cfg(*gpus, "ray.gpu_memory=80GiB"), lengths)
+    assert chosen.train.sharding == "hsdp" and line is not None and line.startswith("train.sharding=auto: train.sharding=hsdp")
+    assert plan.choose_sharding(chosen, lengths) == (chosen, None)  # a concrete strategy passes as it is
+    with pytest.raises(ConfigError, match=r"train.sharding=auto needs .* per device"):
+        plan.choose_sharding(cfg(*gpus, "ray.gpu_memory=4GiB"), lengths)

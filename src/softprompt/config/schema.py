@@ -157,11 +157,15 @@ class TrainConfig:
     """Recompute each decoder layer's activations in the backward pass instead of keeping them:
     activation memory stops growing with the number of layers, for about one more forward per step.
     The gradient still reaches the prompt through every layer."""
-    sharding: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    sharding: Literal["ddp", "fsdp", "hsdp", "auto"] = "ddp"
     """How distributed workers hold the frozen model. `ddp`: a whole copy each. `fsdp`: each of N
     workers holds 1/N of every weight and gathers a layer's weights while it runs (FSDP2). `hsdp`:
-    sharded within a node, replicated across nodes (a 2-D mesh). The prompt is replicated in fp32
-    and its gradient averaged over all workers either way. One process ignores it."""
+    sharded within a node, replicated across nodes (a 2-D mesh). `auto`: the memory planner chooses
+    before any worker starts (`softprompt plan`): the fastest of ddp, hsdp, fsdp, each first without
+    and then with activation checkpointing, that fits 90% of a GPU (`ray.gpu_memory`, else the local
+    GPU's), at the configured batch size; ddp on CPU workers or when no GPU's memory is known. The
+    prompt is replicated in fp32 and its gradient averaged over all workers either way. One process
+    ignores it."""
     reshard_after_forward: bool = True
     """fsdp/hsdp: free a layer's gathered weights after its forward and gather them again for the
     backward (less memory, one more all-gather per layer); `false` keeps them until the backward."""

@@ -41,8 +41,9 @@ class _AfterTraining:
     echo: Callable[[str], None]
     _host: finish.ModelHost | None = None
 
-    def _preflight(self, cfg: JobConfig, data: str | Path) -> None:
-        """Refuse, before any worker starts, a GPU run that will not fit one GPU (`plan.preflight`)."""
+    def _preflight(self, cfg: JobConfig, data: str | Path) -> JobConfig:
+        """Before any worker starts: `train.sharding=auto` chosen (`plan.choose_sharding`), and a GPU
+        run that will not fit one GPU refused (`plan.preflight`); returns the configuration to run."""
         def lengths() -> list[int]:
             return [cfg.data.max_tokens] if is_s3(str(data)) else list(ds.read_split(data, "train").lengths)
 
@@ -52,7 +53,11 @@ class _AfterTraining:
 
             if torch.cuda.is_available():
                 local_gpu = int(torch.cuda.get_device_properties(0).total_memory)
+        cfg, chosen = plan.choose_sharding(cfg, lengths, gpu_bytes=local_gpu)
+        if chosen:
+            self.echo(chosen)
         plan.preflight(cfg, lengths, gpu_bytes=local_gpu, where=f"this run ({cfg.ray.num_workers} workers, train.sharding={cfg.train.sharding})")
+        return cfg
 
     def _on_worker(self, cfg: JobConfig) -> bool:
         return finish.on_worker(cfg, joins_cluster(self.address, cfg))
@@ -95,7 +100,7 @@ class RayTrainTrainer(_AfterTraining):
 
     def train(self, cfg: JobConfig, data: str | Path, run_dir: Path, models: Models) -> TrainOutcome:
         """One `fit`, then its checkpoint's prompt as `<run_dir>/train/adapter`."""
-        self._preflight(cfg, data)
+        cfg = self._preflight(cfg, data)
         self.echo(cluster.init_ray(cfg.ray, self.address, tuning=False, job_config=dashboard.job_config(cfg, run_dir, "ray-train")))
         fit = ray_train.fit(cfg, data, run_dir)
         if fit.checkpoint_uri is None:
@@ -120,7 +125,7 @@ class RayTuneTrainer(_AfterTraining):
 
     def train(self, cfg: JobConfig, data: str | Path, run_dir: Path, models: Models) -> TrainOutcome:
         """The sweep, then each winner's prompt as `<run_dir>/train/winners/<rank>/adapter`, best first."""
-        self._preflight(cfg, data)
+        cfg = self._preflight(cfg, data)
         self.echo(cluster.init_ray(cfg.ray, self.address, tuning=True, job_config=dashboard.job_config(cfg, run_dir, "ray-tune")))
         sweep = tune.run(cfg, data, run_dir, progress=self.progress, echo=self.echo, joined=joins_cluster(self.address, cfg))
         self.echo(sweep.table())
