@@ -126,12 +126,15 @@ def load_tokenizer(cfg: ModelConfig, s3: S3Config | None = None) -> Any:
     return _prepare_tokenizer(tok)
 
 
-def load_model(cfg: ModelConfig, *, device: str | None = None, s3: S3Config | None = None) -> LoadedModel:
+def load_model(cfg: ModelConfig, *, device: str | None = None, s3: S3Config | None = None, empty: bool = False) -> LoadedModel:
     """Load the frozen base model and its tokenizer.
 
     Args:
         cfg: The model configuration.
         device: Overrides `cfg.device` (e.g. the device a Ray worker was given).
+        empty: Build the model with its weights on the meta device (nothing allocated, nothing
+            read; buffers such as rotary frequencies are real), for a sharded load where each rank
+            then reads only its own part (`softprompt.sharding.load_sharded`).
 
     Returns:
         The model in eval mode with every weight frozen, on its device and dtype.
@@ -150,12 +153,22 @@ def load_model(cfg: ModelConfig, *, device: str | None = None, s3: S3Config | No
             "in a trusted environment, or use the model's safetensors release"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype, attn_implementation=cfg.attn_implementation, use_safetensors=model_dir.is_dir() or None
-        )
+        if empty:
+            from accelerate import init_empty_weights  # a dependency of peft
+            from transformers import AutoConfig
+
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=dtype,
+                                                         attn_implementation=cfg.attn_implementation)
+            model.tie_weights()  # as from_pretrained does (outside the context, which would copy the tied weight)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=dtype, attn_implementation=cfg.attn_implementation, use_safetensors=model_dir.is_dir() or None
+            )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {cfg.name!r} from {model_dir}: {exc}") from exc
-    model.to(dev)  # type: ignore[arg-type]
+    if not empty:
+        model.to(dev)
     model.eval()
     model.requires_grad_(False)
     tok = load_tokenizer(cfg, s3)

@@ -22,12 +22,21 @@ training does by construction; evaluation pads each rank's share of the rows to 
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from softprompt.engine import decoder_layers
+from softprompt.errors import ModelError
+
+if TYPE_CHECKING:
+    from softprompt.config import ModelConfig, S3Config
+    from softprompt.modeling import LoadedModel
 
 Call = Callable[..., Any]
 """`call(fn, *args)`: `fn(model, *args)`, run where the model's weights are usable."""
@@ -74,6 +83,76 @@ def shard_model(
     root = _Root(model)
     fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
     return root
+
+
+def load_sharded(cfg: ModelConfig, *, device: str, s3: S3Config | None = None, mesh: Any = None,
+                 reshard_after_forward: bool = True) -> tuple[LoadedModel, Call]:
+    """The frozen base built empty (meta device), sharded with `shard_model`, and each rank's shards
+    read from the safetensors files: a rank reads and holds only its rows of each weight, so a
+    node's host memory stays near one model copy or less, whatever its number of ranks.
+
+    Raises:
+        ModelError: a weight the model has is in no safetensors file of its folder (names it).
+    """
+    from softprompt.modeling import load_model
+
+    loaded = load_model(cfg, device=device, s3=s3, empty=True)
+    call = shard_model(loaded.model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    read_shards(loaded.model, Path(loaded.identity["local_path"]), torch.device(device))
+    return loaded, call
+
+
+def read_shards(model: torch.nn.Module, folder: Path, device: torch.device) -> None:
+    """Allocate `model`'s local shards on `device` and fill them from `folder`'s safetensors files,
+    each rank reading only the rows of dim 0 its shard holds (`safe_open(...).get_slice`)."""
+    from safetensors import safe_open
+
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # real: built outside meta
+    model.to_empty(device=device)
+    where = _weight_files(folder)
+    with torch.no_grad(), ExitStack() as files:
+        opened: dict[Path, Any] = {}
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+        for name, param in model.named_parameters():
+            if name not in where:
+                raise ModelError(f"weight {name!r} is in no safetensors file of {folder}; a sharded load reads checkpoints whose "
+                                 "names match the model's (Hugging Face layout); use train.sharding=ddp for this model")
+            if where[name] not in opened:
+                opened[where[name]] = files.enter_context(safe_open(str(where[name]), framework="pt", device="cpu"))
+            local = param.to_local() if hasattr(param, "to_local") else param
+            start, end = _local_rows(param)
+            if local.shape[0] != end - start:
+                raise ModelError(f"{name}: this rank holds {local.shape[0]} rows, the planned shard {start}:{end}; "
+                                 "a sharding layout softprompt does not read (shard dim 0 only)")
+            local.copy_(opened[where[name]].get_slice(name)[start:end].to(local.dtype))
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (a sharded checkpoint's index, or the one file)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+
+    out: dict[str, Path] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            out.update(dict.fromkeys(f.keys(), path))
+    return out
+
+
+def _local_rows(param: torch.Tensor) -> tuple[int, int]:
+    """The rows of dim 0 this rank's shard of `param` holds (FSDP2's torch.chunk split)."""
+    rows = int(param.shape[0])
+    start, end = 0, rows
+    for dim, placement in enumerate(getattr(param, "placements", ())):
+        if placement.is_shard():
+            n, coordinate = param.device_mesh.size(dim), param.device_mesh.get_local_rank(dim)  # type: ignore[attr-defined]
+            chunk = math.ceil(rows / n)
+            start = min(rows, coordinate * chunk)
+            end = min(rows, start + chunk)
+    return start, end
 
 
 def device_mesh(strategy: str, *, gpus_per_node: int, device_type: str = "cpu") -> Any:
@@ -127,13 +206,27 @@ class ShardedSeams:
     mesh: Any = None
     reshard_after_forward: bool = True
     offload: bool = False
+    loaded_call: Call | None = None
+    """The `Call` of a model `load` built sharded (then `shard` has nothing left to do)."""
+
+    def load(self, cfg: ModelConfig, *, device: str, s3: S3Config | None = None) -> LoadedModel:
+        """The frozen base, each rank reading only its shards (`load_sharded`); with `offload`, a
+        whole copy loaded and then sharded (the host holds the shards either way)."""
+        if self.offload:
+            from softprompt.modeling import load_model
+
+            return load_model(cfg, device=device, s3=s3)
+        loaded, self.loaded_call = load_sharded(cfg, device=device, s3=s3, mesh=self.mesh, reshard_after_forward=self.reshard_after_forward)
+        return loaded
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """The prompt stays as it is: its gradient is averaged by `sync_gradients`."""
         return module
 
     def shard(self, model: torch.nn.Module) -> Call:
-        """`shard_model` over this group (or `mesh`)."""
+        """`shard_model` over this group (or `mesh`); the model `load` sharded is not sharded again."""
+        if self.loaded_call is not None:
+            return self.loaded_call
         return shard_model(model, mesh=self.mesh, reshard_after_forward=self.reshard_after_forward, offload=self.offload)
 
     def sync_gradients(self, params: list[torch.Tensor]) -> None:

@@ -84,12 +84,14 @@ def run(cfg: JobConfig, run_dir: Path) -> TrainOutcome | None:
             if rank == 0 and chosen:
                 print(chosen, flush=True)
         device = f"cuda:{local_rank}" if cuda else "cpu"
-        loaded = load_model(cfg.model, device=device, s3=cfg.s3)
         hooks: Any = _DDPHooks()
         if cfg.train.sharding != "ddp" and dist.get_world_size() > 1:
             per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
             mesh = device_mesh(cfg.train.sharding, gpus_per_node=per_node, device_type="cuda" if cuda else "cpu")
             hooks = ShardedHooks(mesh=mesh, reshard_after_forward=cfg.train.reshard_after_forward, offload=cfg.train.offload)
+            loaded = hooks.load(cfg.model, device=device, s3=cfg.s3)  # each rank reads only its shards
+        else:
+            loaded = load_model(cfg.model, device=device, s3=cfg.s3)
         eval_split = ds.read_split(data, "eval") if ds.has_split(data, "eval") else None
         out = run_dir / "train"
         result = train.run(cfg, loaded, ds.read_split(data, "train"), eval_split, out, hooks=hooks)

@@ -140,9 +140,10 @@ def run(
     model, tok = loaded.model, loaded.tokenizer
     device = loaded.device
     _seed_everything(tc.seed)
-    prompt = prompts_mod.create(cfg.prompt, task, model, tok, seed=tc.seed)
     shard = getattr(hooks, "shard", None)
-    call: Call = shard(model) if shard is not None else unsharded(model)  # the prompt is built: shard the rest
+    call: Call = shard(model) if shard is not None else unsharded(model)
+    # Inside the call: a sharded model's embeddings are whole only within its root's forward.
+    prompt = call(lambda m: prompts_mod.create(cfg.prompt, task, m, tok, seed=tc.seed))
     module: torch.nn.Module = hooks.wrap(prompt.module) if hooks else prompt.module
     verbalizer = build_verbalizer(task, tok) if task.kind == "classification" else None
     params = prompt.parameters()

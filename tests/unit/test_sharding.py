@@ -27,7 +27,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any, per_node: int, ckpt: bool) -> None:
+def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any, per_node: int, ckpt: bool, meta: bool = False) -> None:
     import torch.distributed as dist
 
     from softprompt.sharding import ShardedHooks, device_mesh, local_parameter_bytes
@@ -36,10 +36,14 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        loaded = load_model(ModelConfig(name=model_dir, device="cpu"))
-        full = local_parameter_bytes(loaded.model)
-        data = synthetic(loaded.tokenizer, 32)
         hooks = ShardedHooks(mesh=device_mesh("hsdp" if per_node < world else "fsdp", gpus_per_node=per_node))
+        if meta:  # built empty, each rank reading only its rows of every weight
+            loaded = hooks.load(ModelConfig(name=model_dir, device="cpu"), device="cpu")
+            full = int(loaded.identity["num_parameters"]) * 4
+        else:
+            loaded = load_model(ModelConfig(name=model_dir, device="cpu"))
+            full = local_parameter_bytes(loaded.model)
+        data = synthetic(loaded.tokenizer, 32)
         cfg = syn_cfg(**STEPS, activation_checkpointing=ckpt)
         result = train.run(cfg, loaded, data, data, Path(out) / f"rank{rank}", resume=False, hooks=hooks)
         queue.put((rank, full, local_parameter_bytes(loaded.model), result.best_metric, [r.get("train_loss") for r in result.history]))
@@ -48,13 +52,15 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("world", "per_node", "ckpt"), [(4, 2, True)], ids=["hsdp-2x2-checkpointed"])
+@pytest.mark.parametrize(("world", "per_node", "ckpt", "meta"), [(4, 2, True, False), (2, 2, False, True)],
+                         ids=["hsdp-2x2-checkpointed", "fsdp-2-each-rank-reads-its-shards"])
 def test_ranks_with_the_base_sharded_train_the_one_process_prompt(
-    tiny_model_dir: Path, tmp_path: Path, world: int, per_node: int, ckpt: bool
+    tiny_model_dir: Path, tmp_path: Path, world: int, per_node: int, ckpt: bool, meta: bool
 ) -> None:
     """hsdp on a 2x2 mesh (2 "nodes" of 2, sharded within a node, replicated across) with activation
-    checkpointing: the same prompt, losses and eval metric as one process at the same global
-    batch, each rank holding half of the frozen weights."""
+    checkpointing, and fsdp over 2 ranks that built the model empty and read only their own rows of
+    each weight from the safetensors file: the same prompt, losses and eval metric as one process at
+    the same global batch, each rank holding half of the frozen weights."""
     loaded = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
     data = synthetic(loaded.tokenizer, 32)
     alone = train.run(syn_cfg(**STEPS), loaded, data, data, tmp_path / "alone", resume=False)
@@ -62,7 +68,7 @@ def test_ranks_with_the_base_sharded_train_the_one_process_prompt(
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, str(tiny_model_dir), str(tmp_path), queue, per_node, ckpt)) for r in range(world)]
+    procs = [ctx.Process(target=_rank, args=(r, world, port, str(tiny_model_dir), str(tmp_path), queue, per_node, ckpt, meta)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

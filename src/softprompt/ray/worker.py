@@ -58,7 +58,6 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     # threads, and torch's default (one per core of the node) oversubscribes a shared pod.
     torch.set_num_threads(torch_threads(cfg.ray.cpus_per_worker, os.environ))
     device = str(ray.train.torch.get_device()) if cfg.ray.use_gpu else "cpu"  # [ray] this worker's GPU
-    loaded = load_model(cfg.model, device=device)
     rows = _materialize(ray.train.get_dataset_shard("train"))  # [ray] this worker's rows
     eval_rows: Split = config["eval"]
     work = Path(tempfile.mkdtemp(prefix=f"softprompt-{config['trial']}-rank{rank}-"))
@@ -72,9 +71,12 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             from softprompt.sharding import device_mesh
 
             sharded = _RayShardedHooks(*args)
-            sharded.mesh = device_mesh(cfg.train.sharding, gpus_per_node=ctx.get_local_world_size(), device_type=loaded.device.type)  # [ray]
+            sharded.mesh = device_mesh(cfg.train.sharding, gpus_per_node=ctx.get_local_world_size(), device_type=torch.device(device).type)  # [ray]
             sharded.reshard_after_forward, sharded.offload = cfg.train.reshard_after_forward, cfg.train.offload
             hooks = sharded
+            loaded = sharded.load(cfg.model, device=device, s3=cfg.s3)  # each worker reads only its shards
+        else:
+            loaded = load_model(cfg.model, device=device)
         result = train.run(cfg, loaded, rows, eval_rows, work, resume=True, hooks=hooks)
         stats = {
             "rank": rank, "rows": len(rows), "steps": result.steps, "seconds": result.seconds,
