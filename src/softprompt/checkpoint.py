@@ -30,9 +30,15 @@ ADAPTER_DIR = "adapter"
 HISTORY_FILE = "train_history.json"
 
 
+LAYOUT_KEYS = ("sharding", "reshard_after_forward", "offload", "activation_checkpointing")
+"""`train` keys that a checkpoint may be resumed across (see `run_fingerprint`)."""
+
+
 def run_fingerprint(cfg: JobConfig, loaded: LoadedModel, train: Split, eval_split: Split | None, *, presharded: bool) -> dict[str, str]:
     """Hashes of what shapes the trained prompt: task, prompt, train settings, base model and data."""
-    tr = {k: v for k, v in to_dict(cfg.train).items() if k not in ("log_every", "checkpoint_every")}
+    # How the base is held and recomputed changes memory and speed, not the prompt: a run may resume
+    # under another strategy, as it may on another number of workers.
+    tr = {k: v for k, v in to_dict(cfg.train).items() if k not in ("log_every", "checkpoint_every", *LAYOUT_KEYS)}
     parts: dict[str, Any] = {
         "task": to_dict(cfg.task),
         "prompt": to_dict(cfg.prompt),

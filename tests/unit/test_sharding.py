@@ -3,6 +3,7 @@ process at the same global batch, each rank holding about half of the frozen wei
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -119,3 +120,59 @@ def test_torchrun_with_fsdp_trains_the_in_process_prompt(tiny_model_dir: Path, t
     outcome = TrainOutcome.read(tmp_path / "torchrun" / "train")
     assert outcome.trainer == "torchrun" and outcome.summary["workers"] == 2 and outcome.summary["sharding"] == "fsdp"
     torch.testing.assert_close(load_prompt_embeddings(outcome.winners[0]), load_prompt_embeddings(alone.winners[0]), rtol=1e-4, atol=1e-5)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _rank_until(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any, stop_at: int) -> None:
+    """A rank of an fsdp run (each rank reading its shards) stopped after the checkpoint of step `stop_at`."""
+    import torch.distributed as dist
+
+    from softprompt.sharding import ShardedHooks, device_mesh
+
+    class Stop(ShardedHooks):
+        def report(self, metrics: dict[str, Any], checkpoint_dir: Any) -> None:
+            if metrics["step"] >= stop_at:
+                raise _Interrupt
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        hooks = Stop(mesh=device_mesh("fsdp", gpus_per_node=world))
+        loaded = hooks.load(ModelConfig(name=model_dir, device="cpu"), device="cpu")
+        data = synthetic(loaded.tokenizer, 32)
+        try:
+            train.run(syn_cfg(**RESUMED, sharding="fsdp"), loaded, data, data, Path(out), resume=False, hooks=hooks)
+        except _Interrupt:
+            queue.put(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+RESUMED = dict(steps=6, batch_size=8, eval_every=2, log_every=1, warmup_steps=1, keep_best=False)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_on_two_sharded_ranks_resumes_on_one_process_to_the_same_prompt(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The checkpoint holds the prompt and optimizer state only: 2 fsdp ranks train to step 4, one
+    process (ddp, the other strategy) resumes to step 6, and the prompt is the uninterrupted one's."""
+    loaded = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    data = synthetic(loaded.tokenizer, 32)
+    whole = train.run(syn_cfg(**RESUMED), loaded, data, data, tmp_path / "whole", resume=False)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_until, args=(r, 2, port, str(tiny_model_dir), str(tmp_path / "run"), queue, 4)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    assert [p.exitcode for p in procs] == [0, 0] and sorted(queue.get(timeout=5) for _ in procs) == [0, 1]
+    resumed = train.run(syn_cfg(**RESUMED), loaded, data, data, tmp_path / "run", resume=True)
+    assert resumed.steps == 6
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["resumed_at"] == [4]
+    torch.testing.assert_close(load_prompt_embeddings(resumed.adapter_dir), load_prompt_embeddings(whole.adapter_dir), rtol=1e-4, atol=1e-5)
