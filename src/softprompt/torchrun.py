@@ -32,7 +32,7 @@ from softprompt.outcome import TrainOutcome
 from softprompt.sharding import ShardedHooks, device_mesh
 
 
-class _DDPHooks:
+class DDPHooks:
     """`softprompt.train.TrainHooks` with DDP around the prompt (every rank holds the whole model)."""
 
     presharded = False
@@ -84,7 +84,7 @@ def run(cfg: JobConfig, run_dir: Path) -> TrainOutcome | None:
             if rank == 0 and chosen:
                 print(chosen, flush=True)
         device = f"cuda:{local_rank}" if cuda else "cpu"
-        hooks: Any = _DDPHooks()
+        hooks: Any = DDPHooks()
         if cfg.train.sharding != "ddp" and dist.get_world_size() > 1:
             per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
             mesh = device_mesh(cfg.train.sharding, gpus_per_node=per_node, device_type="cuda" if cuda else "cpu")
