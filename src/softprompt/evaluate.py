@@ -314,9 +314,8 @@ def _verdict(
     mine = getattr(results[winner], metric)
     lo, hi = bootstrap_ci(ok_w.tolist())
     found: dict[str, Comparison] = {}
-    for name in results:
-        if name in ("tuned", "ensemble"):
-            continue
+    baselines = [n for n in ("zero_shot", "few_shot") if n in results] + [n for n in results if n.startswith("few_shot_")]
+    for name in baselines:
         delta = (mine - getattr(results[name], metric)) * 100
         found[name] = compare(_method_name(name), ok_w, scores[name].argmax(1) == y, delta)
     # "Beats" only when significantly better than every baseline (nothing to beat counts as beaten).

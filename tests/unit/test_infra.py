@@ -282,9 +282,15 @@ def test_overlay_builds_with_kustomize(overlay: str) -> None:
     namespace = {"dev": "softprompt-dev", "prod": "softprompt"}[overlay]
     assert {o["metadata"].get("namespace") for o in objects} == {namespace}
     (cluster,) = by_kind["RayCluster"]
-    (group,) = cluster["spec"]["workerGroupSpecs"]
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    group = groups["gpu-workers"]
     assert group["maxReplicas"] == _patched_max_replicas(overlay)
-    assert group["minReplicas"] == 0
+    assert all(g["minReplicas"] == 0 for g in groups.values())  # every GPU group scales from zero
+    assert set(groups) == ({"gpu-workers", "gpu-8x"} if overlay == "prod" else {"gpu-workers"})
+    if overlay == "prod":  # whole 8-GPU nodes for frontier-scale runs (configs/llama-70b.yaml)
+        (worker,) = groups["gpu-8x"]["template"]["spec"]["containers"]
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8 and worker["image"] == group["template"]["spec"]["containers"][0]["image"]
+        assert {e["name"] for e in worker["env"]} == {e["name"] for e in group["template"]["spec"]["containers"][0]["env"]}
     (binding,) = by_kind["RoleBinding"]
     assert binding["subjects"][0]["namespace"] == namespace
     assert ("Deployment" in by_kind) == (overlay == "dev"), "MinIO belongs to dev only"
