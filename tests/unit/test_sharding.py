@@ -28,7 +28,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any, per_node: int, ckpt: bool, meta: bool = False) -> None:
+def _spawn(target: Any, world: int, *args: Any) -> list[Any]:
+    """Run `target(rank, world, port, queue, *args)` in `world` spawned processes; what each put on the queue."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, queue, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    assert [p.exitcode for p in procs] == [0] * world
+    return [queue.get(timeout=5) for _ in procs]
+
+
+def _rank(rank: int, world: int, port: int, queue: Any, model_dir: str, out: str, per_node: int, ckpt: bool, meta: bool = False) -> None:
     import torch.distributed as dist
 
     from softprompt.sharding import ShardedHooks, device_mesh, local_parameter_bytes
@@ -66,16 +80,7 @@ def test_ranks_with_the_base_sharded_train_the_one_process_prompt(
     data = synthetic(loaded.tokenizer, 32)
     alone = train.run(syn_cfg(**STEPS), loaded, data, data, tmp_path / "alone", resume=False)
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, str(tiny_model_dir), str(tmp_path), queue, per_node, ckpt, meta)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    assert [p.exitcode for p in procs] == [0] * world
-    got = sorted(queue.get(timeout=5) for _ in procs)
+    got = sorted(_spawn(_rank, world, str(tiny_model_dir), str(tmp_path), per_node, ckpt, meta))
     for _, full, local, best, _ in got:
         assert 0.4 * full < local < 0.65 * full, (local, full)  # about half of every frozen weight
         assert best == pytest.approx(alone.best_metric)  # the sharded evaluation agrees too
@@ -126,7 +131,7 @@ class _Interrupt(Exception):
     pass
 
 
-def _rank_until(rank: int, world: int, port: int, model_dir: str, out: str, queue: Any, stop_at: int) -> None:
+def _rank_until(rank: int, world: int, port: int, queue: Any, model_dir: str, out: str, stop_at: int) -> None:
     """A rank of an fsdp run (each rank reading its shards) stopped after the checkpoint of step `stop_at`."""
     import torch.distributed as dist
 
@@ -162,15 +167,7 @@ def test_a_run_stopped_on_two_sharded_ranks_resumes_on_one_process_to_the_same_p
     loaded = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
     data = synthetic(loaded.tokenizer, 32)
     whole = train.run(syn_cfg(**RESUMED), loaded, data, data, tmp_path / "whole", resume=False)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_until, args=(r, 2, port, str(tiny_model_dir), str(tmp_path / "run"), queue, 4)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    assert [p.exitcode for p in procs] == [0, 0] and sorted(queue.get(timeout=5) for _ in procs) == [0, 1]
+    assert sorted(_spawn(_rank_until, 2, str(tiny_model_dir), str(tmp_path / "run"), 4)) == [0, 1]
     resumed = train.run(syn_cfg(**RESUMED), loaded, data, data, tmp_path / "run", resume=True)
     assert resumed.steps == 6
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
