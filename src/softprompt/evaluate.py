@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,9 +150,16 @@ def run(
              "ensemble": sum(cost_tokens(int(e.shape[0]), lengths) for e in members)}  # each member is a pass of its own
     if "few_shot" in ev.baselines:
         k = ev.few_shot_k or max(4, len(labels))
+        embedded: list[np.ndarray] = []  # the training rows' embeddings, made once for `similar` and `diverse`
+
+        def train_embeddings() -> np.ndarray:
+            if not embedded:
+                embedded.append(sentence_embeddings(model, train_rows.input_ids, tok.pad_token_id))
+            return embedded[0]
+
         for n, strategy in enumerate(ev.few_shot_strategies):
             name = "few_shot" if n == 0 else f"few_shot_{strategy}"
-            fs, text, costs[name] = _few_shot(cfg, loaded, rows, train_rows, verbalizer, strategy, k, score, tick)
+            fs, text, costs[name] = _few_shot(cfg, loaded, rows, lengths, train_rows, train_embeddings, verbalizer, strategy, k, score, tick)
             demo_text = demo_text or text
             scores[name] = fs
     if bar is not None:
@@ -332,15 +340,16 @@ def _method_name(name: str) -> str:
     return f"few-shot ({name.removeprefix('few_shot_')})"
 
 
-def _few_shot(cfg: JobConfig, loaded: LoadedModel, rows: ds.Split, train_rows: ds.Split, verbalizer: Verbalizer, strategy: str,
-              k: int, score: Any, tick: Any) -> tuple[np.ndarray, str, float]:
+def _few_shot(cfg: JobConfig, loaded: LoadedModel, rows: ds.Split, lengths: list[int], train_rows: ds.Split,
+              train_embeddings: Callable[[], np.ndarray], verbalizer: Verbalizer, strategy: str, k: int, score: Any,
+              tick: Any) -> tuple[np.ndarray, str, float]:
     """The few-shot baseline with `strategy`'s demonstrations: label scores, the prefix text (a
-    fixed strategy's; "" for `similar`) and the token positions per scored row."""
+    fixed strategy's; "" for `similar`) and the token positions per scored row (`lengths`: each
+    scored row's input tokens)."""
     model, tok = loaded.model, loaded.tokenizer
     labels = list(verbalizer.labels)
     words = [cfg.task.verbalizer[label][0] for label in labels]
-    lengths = [len(ids) for ids in rows.input_ids]
-    train_emb = sentence_embeddings(model, train_rows.input_ids, tok.pad_token_id) if strategy in ("similar", "diverse") else None
+    train_emb = train_embeddings() if strategy in ("similar", "diverse") else None
     if strategy == "similar":
         assert train_emb is not None
         nearest = similar_demonstrations(train_emb, sentence_embeddings(model, rows.input_ids, tok.pad_token_id), k)

@@ -269,9 +269,9 @@ def parse_bytes(text: str) -> int:
 
 def job_layout(cfg: JobConfig, *, gpus_per_node: int = 8) -> Layout:
     """The layout a job's Ray Train run asks for: `ray.num_workers` devices, `train.sharding`
-    (hsdp: nodes of `gpus_per_node`), `train.offload`."""
+    (hsdp, and auto, which may choose it: nodes of `gpus_per_node`), `train.offload`."""
     workers = max(1, cfg.ray.num_workers)
-    per_node = min(workers, gpus_per_node) if cfg.train.sharding == "hsdp" else workers
+    per_node = min(workers, gpus_per_node) if cfg.train.sharding in ("hsdp", "auto") else workers  # auto may choose hsdp
     strategy: Strategy = "ddp" if cfg.train.sharding == "auto" else cfg.train.sharding  # auto is chosen before (choose_sharding)
     return Layout(strategy, nodes=max(1, workers // per_node), gpus_per_node=per_node, offload=cfg.train.offload)
 
@@ -314,14 +314,12 @@ def choose_sharding(cfg: JobConfig, lengths: Callable[[], list[int]], *, gpu_byt
     from softprompt.modeling import model_config
 
     shape = ModelShape.from_config(model_config(cfg.model, cfg.s3))
-    workers = max(1, cfg.ray.num_workers)
-    per_node = min(workers, 8)
-    layout = Layout("ddp", nodes=max(1, workers // per_node), gpus_per_node=per_node, offload=cfg.train.offload)
+    layout = job_layout(cfg)
     work = job_workload(cfg, p95(lengths()), dtype_bytes=4 if cfg.model.dtype == "float32" else 2)
     best = recommend(shape, layout, work, device)
     if best is None or best.workload.batch < work.batch or best.layout.offload != cfg.train.offload:
         check_fits(shape, replace(layout, strategy="fsdp"), replace(work, checkpointing=True), device, where="train.sharding=auto")
-        raise ConfigError(f"train.sharding=auto: no layout of {workers} devices of {gib(device)} fits this run; "
+        raise ConfigError(f"train.sharding=auto: no layout of {layout.world} devices of {gib(device)} fits this run; "
                           "use more devices, devices with more memory, or train.offload=true")
     chosen = config_replace(cfg, [f"train.sharding={best.layout.strategy}",
                                   f"train.activation_checkpointing={str(best.workload.checkpointing or work.checkpointing).lower()}"])

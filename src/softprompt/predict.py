@@ -64,6 +64,11 @@ class Prediction:
     scores: dict[str, float] | None = None
     generated: str | None = None
 
+    @property
+    def output(self) -> str | None:
+        """The answer: the label, or the generated text of a generation prompt (what the prediction log records)."""
+        return self.label if self.label is not None else self.generated
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         out: dict[str, Any] = {"prompt": self.prompt, "text": self.text}
@@ -180,6 +185,12 @@ class PromptRef:
     """The configuration it was trained with (from its run manifest)."""
 
 
+def split_spec(spec: str) -> tuple[str, str]:
+    """`[NAME=]DIR_OR_URI` as (name, reference); the name is "" when not given (an `s3://` URI may hold "=")."""
+    name, _, ref = spec.partition("=") if "=" in spec and not spec.startswith("s3://") else ("", "", spec)
+    return name, ref
+
+
 def resolve_prompts(specs: Sequence[str], *, s3_endpoint: str | None = None) -> list[PromptRef]:
     """Resolve `[NAME=]DIR_OR_URI` specs (artifact folders, registry versions, `.../champion` aliases,
     `s3://` URIs, downloaded and verified into the artifact cache) without loading any model.
@@ -197,7 +208,7 @@ def resolve_prompts(specs: Sequence[str], *, s3_endpoint: str | None = None) -> 
 
     refs = []
     for spec in specs:
-        name, _, ref = spec.partition("=") if "=" in spec and not spec.startswith("s3://") else ("", "", spec)
+        name, ref = split_spec(spec)
         folder = resolve_artifact(ref, artifact_cache(), endpoint_url=s3_endpoint)
         cfg = artifact_config(folder)
         refs.append(PromptRef(name or cfg.task.name, ref, folder, cfg))

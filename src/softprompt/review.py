@@ -40,15 +40,15 @@ def build_queue(predictions: Iterable[Mapping[str, Any]], feedback: Iterable[Map
         raise DataError(f"review queue budget={budget}, audit_share={audit_share}: use a budget of 1 or more and a share in [0, 1]")
     verdicts = effective(feedback)
     rows = [_row(rec, slice_key) for rec in predictions if rec.get("input")]
-    versions: dict[str, set[str | None]] = {}
+    labels_of_input: dict[str, set[str | None]] = {}  # what each logged input was predicted as, by every version
     for r in rows:
-        versions.setdefault(r["input_sha256"], set()).add(r["label"])
+        labels_of_input.setdefault(r["input_sha256"], set()).add(r["label"])
     eligible = []
     for r in rows:
         verdict = verdicts.get(r["prediction_id"])
         if verdict is not None and verdict.get("kind") != "down":
             continue
-        r["reason"] = "down" if verdict is not None else "disagreement" if len(versions[r["input_sha256"]]) > 1 else "uncertain"
+        r["reason"] = "down" if verdict is not None else "disagreement" if len(labels_of_input[r["input_sha256"]]) > 1 else "uncertain"
         if r["reason"] == "disagreement":
             r["margin"] = 0.0
         eligible.append(r)

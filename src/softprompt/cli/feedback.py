@@ -39,8 +39,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", type=Path, metavar="FILE", help="JSONL, CSV, TSV or Parquet: token, text, kind, label[, subject, note]")
     _target_args(p)
     p.add_argument("--rejects", type=Path, help="where refused rows go (default FILE.rejects.jsonl)")
-    p.set_defaults(func=cmd_import)
     p.add_argument("--label-studio", action="store_true", help="FILE is Label Studio's JSON export of tasks that `feedback queue --label-studio` made")
+    p.set_defaults(func=cmd_import)
     p = cmds.add_parser("queue", help="the logged predictions most worth a person's review (JSONL, or Label Studio tasks)")
     _target_args(p)
     p.add_argument("--budget", type=int, required=True, help="how many predictions to queue")
@@ -149,8 +149,9 @@ def _open(args: argparse.Namespace, *, need_secret: bool = True) -> FeedbackStor
         raise ConfigError(f"set {FEEDBACK_SECRET_ENV} to the secret the server signed its prediction tokens with "
                           "(feedback tokens are checked against it)")
     where = log_location([args.artifact], args.prediction_log)
-    if where is None or args.prediction_log == "off":
-        raise ConfigError(f"--artifact {args.artifact} is a run folder, in no registry: name the registry with --prediction-log URI")
+    if where is None:
+        raise ConfigError(f"--artifact {args.artifact} names no registry (a run folder, or --prediction-log off): "
+                          "name the registry with --prediction-log URI")
     ref = resolve_prompts([args.artifact], s3_endpoint=args.s3_endpoint)[0]
     return FeedbackStore(open_store(where, endpoint_url=args.s3_endpoint), task=ref.cfg.task.name, labels=list(ref.cfg.task.labels),
                          secret=secret.encode())

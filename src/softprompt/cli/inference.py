@@ -103,7 +103,7 @@ def _logged(preds: list[Prediction], refs: list[PromptRef], model: str, args: ar
         ids = [new_id() for _ in preds]
     else:
         rows = [{"task": by_name[p.prompt][0], "prompt_version": by_name[p.prompt][1] or "local", "text": p.text,
-                 "label": p.label if p.label is not None else p.generated, "scores": p.scores, "model": model} for p in preds]
+                 "label": p.output, "scores": p.scores, "model": model} for p in preds]
         ids, stats = record_batch(open_store(where, endpoint_url=args.s3_endpoint), rows, log_inputs=args.log_inputs)
         missed = stats["queued"] + stats["dropped"]
         print(f"prediction log: {stats['written']} records written to {where}"

@@ -251,9 +251,9 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 def _model_name(specs: Sequence[str]) -> str:
     """The base-model segment of the first registry reference: names the deployment without loading anything."""
-    spec = specs[0]
-    ref = spec.partition("=")[2] if "=" in spec and not spec.startswith("s3://") else spec
-    parts = ref.rstrip("/").split("/")
+    from softprompt.predict import split_spec
+
+    parts = split_spec(specs[0])[1].rstrip("/").split("/")
     return parts[-2] if len(parts) >= 3 else "model"
 
 

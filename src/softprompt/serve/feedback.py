@@ -80,7 +80,7 @@ class FeedbackDesk:
         if len(items) > self.max_items:
             raise RequestError(f"'feedback' has {len(items)} items; at most {self.max_items} per request (serve.max_request_rows): split it", "feedback")
         served = self.prompts()
-        by_task: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
+        by_prompt: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
         rejects: list[dict[str, Any]] = []
         for row, item in enumerate(items, 1):
             name = item.get("prompt") if isinstance(item, Mapping) else None
@@ -90,10 +90,10 @@ class FeedbackDesk:
                 rejects.append({"row": row, "field": "prompt", "value": name if isinstance(name, str) else None,
                                 "reason": f"name the prompt that predicted it; served prompts: {sorted(served)}"})
                 continue
-            by_task.setdefault(name, []).append((row, item))
+            by_prompt.setdefault(name, []).append((row, item))
         accepted: list[dict[str, Any]] = []
         with self._lock:
-            for name, rows in by_task.items():
+            for name, rows in by_prompt.items():
                 result = self._store(*served[name]).submit([item for _, item in rows], client=client)
                 numbered = {i: row for i, (row, _) in enumerate(rows, 1)}
                 for reject in result.rejects:

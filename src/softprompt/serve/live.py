@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.errors import SoftpromptError
-from softprompt.predict import PromptRef, PromptTable, TunedPrompt, load_prompts, resolve_prompts
+from softprompt.predict import PromptRef, PromptTable, TunedPrompt, load_prompts, resolve_prompts, split_spec
 
 log = logging.getLogger("softprompt.serve")
 
@@ -104,7 +104,7 @@ def log_location(specs: Sequence[str], setting: str) -> str | None:
     if setting != "auto":
         return setting
     for spec in specs:
-        root = registry_root(spec.partition("=")[2] if "=" in spec and not spec.startswith("s3://") else spec)
+        root = registry_root(split_spec(spec)[1])
         if root:
             return root
     return None

@@ -144,7 +144,7 @@ class Predictor:
         version = served.version or "local"
         plog = self.logs.get(served.prompt.cfg.task.name)
         if plog is not None:
-            pid = plog.record(prompt_version=version, text=pred.text, label=pred.label if pred.label is not None else pred.generated,
+            pid = plog.record(prompt_version=version, text=pred.text, label=pred.output,
                               scores=pred.scores, model=self.model_name)
         else:
             from softprompt.predlog import new_id
