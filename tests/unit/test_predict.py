@@ -14,6 +14,7 @@ from softprompt.cli import main
 from softprompt.config import JobConfig, config_from_dict, to_dict
 from softprompt.engine import Prefix, greedy_generate, label_scores
 from softprompt.errors import DataError, ModelError
+from softprompt.inputs import read_inputs
 from softprompt.modeling import LoadedModel
 from softprompt.scoring import to_probs
 from softprompt.tasks import encode_input
@@ -164,7 +165,7 @@ def test_cli_predict_routes_rows_by_prompt_column(table: predict.PromptTable, tm
 
 def _raises(path: Path, *fragments: str) -> None:
     with pytest.raises(DataError) as exc:
-        predict.read_inputs(path)
+        read_inputs(path)
     for fragment in (str(path), *fragments):
         assert fragment in str(exc.value), (fragment, str(exc.value))
 
@@ -203,18 +204,18 @@ def test_input_files_in_every_format(tmp_path: Path) -> None:
 
     bom = tmp_path / "excel.csv"
     bom.write_bytes("\ufefftext,task\nhello,a\n\"two, lines\nhere\",\n".encode())
-    assert predict.read_inputs(bom, prompt_column="task", default_prompt="p") == [("a", "hello"), ("p", "two, lines\nhere")]
+    assert read_inputs(bom, prompt_column="task", default_prompt="p") == [("a", "hello"), ("p", "two, lines\nhere")]
     tsv = tmp_path / "in.tsv"
     tsv.write_text("text\tx\nhi there\t1\n")
-    assert predict.read_inputs(tsv) == [("", "hi there")]
+    assert read_inputs(tsv) == [("", "hi there")]
     pq.write_table(pa.table({"text": ["a", "b"], "n": [1, 2]}), tmp_path / "in.parquet")
-    assert predict.read_inputs(tmp_path / "in.parquet", default_prompt="p") == [("p", "a"), ("p", "b")]
+    assert read_inputs(tmp_path / "in.parquet", default_prompt="p") == [("p", "a"), ("p", "b")]
     plain = tmp_path / "in.txt"
     plain.write_text("first\n\nsecond\n")
-    assert predict.read_inputs(plain, default_prompt="p") == [("p", "first"), ("p", "second")]
+    assert read_inputs(plain, default_prompt="p") == [("p", "first"), ("p", "second")]
     numbers = tmp_path / "numbers.jsonl"
     numbers.write_text('{"text": 42}\n')
-    assert predict.read_inputs(numbers) == [("", "42")]
+    assert read_inputs(numbers) == [("", "42")]
 
 
 def test_cli_reports_a_bad_input_file_before_loading_the_model(table: predict.PromptTable, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

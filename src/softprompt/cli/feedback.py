@@ -60,7 +60,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """`softprompt feedback import`."""
-    from softprompt.predict import read_table
+    from softprompt.inputs import read_table
 
     desk = _open(args)
     if args.label_studio:

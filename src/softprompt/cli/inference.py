@@ -68,10 +68,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     """`softprompt predict`."""
     from softprompt import predict
+    from softprompt.inputs import read_inputs
 
     refs = predict.resolve_prompts(args.artifact, s3_endpoint=args.s3_endpoint)
     # Read the inputs first: a bad file should fail in a second, not after loading the model.
-    rows = predict.read_inputs(args.input, args.text_column, args.prompt_column, default_prompt=refs[0].name)
+    rows = read_inputs(args.input, args.text_column, args.prompt_column, default_prompt=refs[0].name)
     table = predict.load_prompts(refs, model=args.model, s3_endpoint=args.s3_endpoint)
     preds = predict.predict_rows(table, rows, args.batch_size)
     answers = _logged(preds, refs, str(table.loaded.identity.get("name")), args)
